@@ -1,0 +1,3 @@
+"""Flat-LoRA fine-tuning toolkit: core perturbation engine, DreamBooth and LLM trainers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,271 @@
+"""Benchmark of the Flat-LoRA core: cost of one UNet training step against plain LoRA.
+
+    python -m flatlora_diffusion.bench --arch sd15 --resolution 256 --json bench.json
+
+Times, interleaved in one process (the order rotates every round), a training step (forward,
+backward, AdamW) of a UNet with random weights and LoRA on ``to_q,to_k,to_v,to_out.0`` under:
+
+* ``lora``: plain peft LoRA;
+* ``flat``: this project's Flat-LoRA (default pooled sampler);
+* ``flat_gaussian``: this project's Flat-LoRA with the paper's i.i.d. Gaussian sampler;
+* ``reference``: the reference code's scheme: full m×n std matrix, Gaussian noise added to the
+  weights in place before the step and regenerated and subtracted after it.
+
+Peak resident memory of ``lora`` and ``flat`` is measured each in its own process, and the bf16
+check runs Flat-LoRA steps on a bf16 copy of the same UNet and compares every base weight.
+Noise is at full strength (constant schedule) from the first step: the worst case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+
+from flatlora_diffusion.flat_lora import FlatLoraConfig, FlatLoraPerturber, mix_seed
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+VARIANTS = ("lora", "flat", "flat_gaussian", "reference")
+
+
+def build_unet(arch: str, resolution: int, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A UNet of ``arch`` with random weights (seeded), and the extra inputs its forward needs."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    latent = resolution // 8
+    if arch == "sd15":
+        unet = UNet2DConditionModel(sample_size=latent, cross_attention_dim=768)
+    elif arch == "sdxl":
+        unet = UNet2DConditionModel(
+            sample_size=latent, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
+    elif arch == "tiny":
+        from flatlora_diffusion.tiny import build_tiny
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = build_tiny("sd", Path(tmp) / "sd")
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    else:
+        raise ValueError(f"`--arch` must be one of sd15, sdxl, tiny; got {arch!r}.")
+    unet.to(device=device, dtype=dtype).requires_grad_(False)
+    cfg = unet.config
+    like = {"dtype": dtype, "device": device}
+    inputs = {
+        "sample": torch.randn(1, cfg.in_channels, latent, latent, **like),
+        "timestep": torch.tensor([500], device=device),
+        "encoder_hidden_states": torch.randn(1, 77, cfg.cross_attention_dim, **like),
+    }
+    if cfg.addition_embed_type == "text_time":
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(1, 1280, **like),
+            "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], **like),
+        }
+    return unet, inputs
+
+
+def add_lora(unet, rank: int) -> list[torch.nn.Parameter]:
+    """LoRA on the attention projections (fp32 parameters); returns the trainable parameters."""
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGETS))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+class ReferencePerturbation:
+    """The reference code's scheme, for comparison: noise added to W in place, subtracted after."""
+
+    def __init__(self, unet, rho: float, seed: int = 0) -> None:
+        self.layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+        self.rho, self.seed = rho, seed
+        self._stds: list[torch.Tensor] = []
+
+    def _noise(self, index: int, std: torch.Tensor, step: int) -> torch.Tensor:
+        gen = torch.Generator(device=std.device).manual_seed(mix_seed(self.seed, step, index))
+        return torch.normal(0.0, std, generator=gen)
+
+    @torch.no_grad()
+    def add(self, step: int) -> None:
+        self._stds = []
+        for index, layer in enumerate(self.layers):
+            weight = layer.get_base_layer().weight
+            merged = weight + layer.get_delta_weight("default")
+            std = (self.rho * merged.norm(dim=1, keepdim=True) / weight.shape[1] ** 0.5).repeat(1, weight.shape[1])
+            self._stds.append(std)
+            weight.add_(self._noise(index, std, step))
+
+    @torch.no_grad()
+    def remove(self, step: int) -> None:
+        for index, layer in enumerate(self.layers):
+            layer.get_base_layer().weight.sub_(self._noise(index, self._stds[index], step))
+        self._stds = []
+
+
+class StepRunner:
+    """One UNet with LoRA, able to run a training step under each variant."""
+
+    def __init__(self, arch: str, resolution: int, rank: int, rho: float, dtype: torch.dtype = torch.float32,
+                 device: str = "cpu"):
+        self.unet, self.inputs = build_unet(arch, resolution, dtype, device)
+        self.device = device
+        self.params = add_lora(self.unet, rank)
+        self.unet.train()
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
+        self.rho = rho
+        self.reference = ReferencePerturbation(self.unet, rho)
+        self.step = 0
+
+    def _train_step(self) -> None:
+        out = self.unet(**self.inputs).sample
+        loss = torch.nn.functional.mse_loss(out.float(), torch.zeros_like(out, dtype=torch.float32))
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def run(self, variant: str) -> float:
+        """One timed training step of ``variant``, in seconds."""
+        self._sync()
+        start = time.perf_counter()
+        if variant in ("flat", "flat_gaussian"):
+            sampler = "pooled" if variant == "flat" else "gaussian"
+            config = FlatLoraConfig(rho=self.rho, schedule="constant", sampler=sampler)
+            with FlatLoraPerturber(self.unet, config) as perturber:
+                perturber.set_step(self.step)
+                self._train_step()
+        elif variant == "reference":
+            self.reference.add(self.step)
+            self._train_step()
+            self.reference.remove(self.step)
+        else:
+            self._train_step()
+        self.step += 1
+        self._sync()
+        return time.perf_counter() - start
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+def time_variants(runner: StepRunner, steps: int, variants: tuple[str, ...]) -> dict[str, list[float]]:
+    """Interleaved timings: one warm-up step each, then ``steps`` rounds in rotating order."""
+    for variant in variants:
+        runner.run(variant)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for round_index in range(steps):
+        shift = round_index % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            times[variant].append(runner.run(variant))
+            print(f"  round {round_index + 1}/{steps} {variant:>13}: {times[variant][-1]:.3f} s", flush=True)
+    return times
+
+
+def peak_memory_mb(variant: str, args: argparse.Namespace) -> float:
+    """Peak memory (CPU: resident set; CUDA: allocated) of a fresh process running ``variant`` only."""
+    cmd = [sys.executable, "-m", "flatlora_diffusion.bench", "--arch", args.arch, "--resolution",
+           str(args.resolution), "--rank", str(args.rank), "--rho", str(args.rho), "--device", args.device,
+           "--_peak-rss", variant]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def bf16_base_unchanged(args: argparse.Namespace) -> bool:
+    """Flat-LoRA steps on a bf16 UNet leave every base weight bit-identical."""
+    runner = StepRunner(args.arch, min(args.resolution, 128), args.rank, args.rho, torch.bfloat16, args.device)
+    before = {n: p.clone() for n, p in runner.unet.named_parameters() if not p.requires_grad}
+    for _ in range(2):
+        runner.run("flat")
+    return all(torch.equal(before[n], p) for n, p in runner.unet.named_parameters() if not p.requires_grad)
+
+
+def _paired_ratio(times: dict[str, list[float]], variant: str) -> float:
+    return statistics.median(a / b for a, b in zip(times[variant], times["lora"], strict=True))
+
+
+def _rss_worker(args: argparse.Namespace) -> None:
+    runner = StepRunner(args.arch, args.resolution, args.rank, args.rho, device=args.device)
+    for _ in range(3):
+        runner.run(args._peak_rss)
+    if args.device == "cuda":
+        print(torch.cuda.max_memory_allocated() / 2**20)
+    else:
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="sd15", choices=["sd15", "sdxl", "tiny"])
+    parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (latent = /8)")
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--rho", type=float, default=0.05)
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds (each runs every variant once)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS processes")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--_peak-rss", dest="_peak_rss", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.resolution % 8:
+        parser.error(f"`--resolution` must be a multiple of 8, got {args.resolution}.")
+    variants = tuple(v for v in args.variants.split(",") if v)
+    if "lora" not in variants or set(variants) - set(VARIANTS):
+        parser.error(f"`--variants` must include `lora` and only name {', '.join(VARIANTS)}; got {args.variants!r}.")
+    if args._peak_rss:
+        _rss_worker(args)
+        return {}
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("`--device cuda` needs a CUDA build of torch and a GPU; none is available here.")
+    print(f"Building {args.arch} UNet at {args.resolution}px, LoRA r={args.rank} on {','.join(TARGETS)} ...", flush=True)
+    runner = StepRunner(args.arch, args.resolution, args.rank, args.rho, device=args.device)
+    n_layers = len(runner.reference.layers)
+    n_weights = sum(m.get_base_layer().weight.numel() for m in runner.reference.layers)
+    times = time_variants(runner, args.steps, variants)
+    del runner
+    result: dict = {
+        "arch": args.arch, "resolution": args.resolution, "rank": args.rank, "rho": args.rho, "steps": args.steps,
+        "lora_layers": n_layers, "perturbed_weights": n_weights,
+        **{f"{v}_step_s": statistics.median(times[v]) for v in variants},
+        "ratio": _paired_ratio(times, "flat") if "flat" in times else None,
+        **{f"{v}_ratio": _paired_ratio(times, v) for v in variants if v not in ("lora", "flat")},
+        "times_s": times,
+    }
+    if not args.no_memory:
+        peak = {v: peak_memory_mb(v, args) for v in ("lora", "flat")}
+        result.update(memory_measure="cuda_max_allocated" if args.device == "cuda" else "peak_rss",
+                      lora_peak_mb=peak["lora"], flat_peak_mb=peak["flat"], peak_rss_ratio=peak["flat"] / peak["lora"])
+    result["base_bit_identical"] = bf16_base_unchanged(args)
+    result["machine"] = {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+    }
+    summary = {k: v for k, v in result.items() if k != "times_s"}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(args.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Glue between the Flat-LoRA core and training loops (accelerate, transformers `Trainer`)."""
