@@ -162,17 +162,13 @@ class PooledSampler:
     def __init__(self, pool_size: int) -> None:
         self.pool_size = pool_size
         self._pools: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self._prefix_sq: dict[torch.device, torch.Tensor] = {}
 
     def begin_draw(self, seed: int, devices: set[torch.device]) -> None:
         """Fill a fresh pool on each device the perturbed layers live on."""
         self._pools.clear()
-        self._prefix_sq.clear()
         for device in devices:
             pool = torch.randn(self.pool_size, generator=_generator(seed, device), device=device)
             self._pools[(device, torch.float32)] = pool
-            # Prefix sums of squares give any window row's ‖Z_i‖² in O(1), for logging.
-            self._prefix_sq[device] = F.pad(pool.double().square().cumsum(0), (1, 0))
 
     def layer_key(self, gen: torch.Generator, numel: int) -> int:
         """The window offset of one layer, drawn from the layer's generator."""
@@ -191,11 +187,9 @@ class PooledSampler:
         return torch.addcmul(weight.to(dtype), sigma.to(dtype).unsqueeze(1), noise)
 
     def row_sq_norms(self, key: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        """``‖Z_i‖²`` of every row of a layer's noise, shape (m,)."""
+        """``‖Z_i‖²`` of every row of a layer's noise, shape (m,): one pass over its window."""
         m, n = shape
-        bounds = key + n * torch.arange(m + 1, device=device)
-        prefix = self._prefix_sq[device][bounds]
-        return (prefix[1:] - prefix[:-1]).float()
+        return self._pools[(device, torch.float32)][key : key + m * n].view(m, n).square().sum(1)
 
 
 class GaussianSampler:
@@ -224,10 +218,11 @@ SAMPLERS = {"pooled": PooledSampler, "gaussian": GaussianSampler}
 
 @dataclass
 class _LayerNoise:
-    """The current draw of one layer: signed row scales σ_i and the sampler's key."""
+    """The current draw of one layer: signed row scales σ_i, the sampler's key, ‖W'_i‖²."""
 
     sigma: torch.Tensor  # (m,) fp32, a random ±1 per row folded in
     key: int
+    merged_row_sq: torch.Tensor  # (m,) fp32, for logging ‖ε‖/‖W'‖
 
 
 class _NoisyLinear(torch.autograd.Function):
@@ -292,7 +287,7 @@ class FlatLoraPerturber:
         self.rank = rank
         self.step: int | None = None
         self.factor = 0.0  # f(t)·ρ of the current draw
-        self._relative_perturbation: list[torch.Tensor] = []  # per layer ‖ε‖/‖W'‖ of the current draw
+        self._relative_perturbation: float | None = None  # cached ‖ε‖/‖W'‖ of the current draw
         self._draw: int | None = None
         self._noise: list[_LayerNoise | None] = []
         self.layers: list[tuple[str, LoraLayer, nn.Linear]] = []
@@ -336,7 +331,7 @@ class FlatLoraPerturber:
         self._draw = draw
         cfg = self.config
         self.factor = cfg.rho * SCHEDULES[cfg.schedule](draw * cfg.interval, cfg.total_steps or 1)
-        self._relative_perturbation = []
+        self._relative_perturbation = None
         if self.factor == 0:
             self._noise = [None] * len(self.layers)
             return
@@ -349,9 +344,7 @@ class FlatLoraPerturber:
                 sigma = self.factor * row_norm_sq.sqrt() / math.sqrt(base.in_features)
                 signs = torch.randint(0, 2, (base.out_features,), generator=gen).float().mul_(2).sub_(1)
                 key = self.sampler.layer_key(gen, base.weight.numel())
-                self._noise[index] = _LayerNoise(sigma * signs.to(sigma.device), key)
-                noise_sq = (sigma.square() * self.sampler.row_sq_norms(key, base.weight.shape, sigma.device)).sum()
-                self._relative_perturbation.append((noise_sq / row_norm_sq.sum().clamp_min(1e-30)).sqrt())
+                self._noise[index] = _LayerNoise(sigma * signs.to(sigma.device), key, row_norm_sq)
 
     @staticmethod
     def _merged_row_norm_sq(lora: LoraLayer, weight: torch.Tensor, weight_sq: torch.Tensor) -> torch.Tensor:
@@ -368,9 +361,21 @@ class FlatLoraPerturber:
 
     @property
     def relative_perturbation(self) -> float:
-        """Mean over layers of ‖ε‖/‖W'‖ for the current draw (0 when no noise is active)."""
-        ratios = [r.item() for r in self._relative_perturbation]
-        return sum(ratios) / len(ratios) if ratios else 0.0
+        """Mean over layers of ‖ε‖/‖W'‖ for the current draw (0 when no noise is active).
+
+        Computed on first access per draw, so a run that does not log it does not pay for it.
+        """
+        if self._relative_perturbation is None:
+            ratios = []
+            with torch.no_grad():
+                for (_, _, base), noise in zip(self.layers, self._noise, strict=True):
+                    if noise is None:
+                        continue
+                    z_sq = self.sampler.row_sq_norms(noise.key, base.weight.shape, noise.sigma.device)
+                    noise_sq = (noise.sigma.square() * z_sq).sum()
+                    ratios.append((noise_sq / noise.merged_row_sq.sum().clamp_min(1e-30)).sqrt().item())
+            self._relative_perturbation = sum(ratios) / len(ratios) if ratios else 0.0
+        return self._relative_perturbation
 
     def stats(self) -> dict[str, float]:
         """Values to log: the current f(t)·ρ and the mean relative perturbation ‖ε‖/‖W'‖."""

@@ -34,8 +34,13 @@ class FlatLoraCallback(TrainerCallback):
         self.perturber.set_step(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and self.perturber is not None and "loss" in logs:
-            logs.update(self.perturber.stats())
+        if logs is None or self.perturber is None or "loss" not in logs:
+            return
+        stats = self.perturber.stats()
+        logs.update(stats)
+        # The Trainer appended its copy of `logs` to the history before calling us.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(stats)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.perturber.remove()

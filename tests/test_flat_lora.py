@@ -1,0 +1,384 @@
+"""Tests of the Flat-LoRA core: the noise's distribution, exactness, reproducibility and composition."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from flatlora_diffusion.flat_lora import (
+    SCHEDULES,
+    FlatLoraConfig,
+    FlatLoraPerturber,
+)
+
+SAMPLERS = ["pooled", "gaussian"]
+
+
+class TwoLayer(nn.Module):
+    """Two same-shaped linears (for cross-layer checks) and a head."""
+
+    def __init__(self, n: int = 256, m: int = 64) -> None:
+        super().__init__()
+        self.first = nn.Linear(n, m)
+        self.second = nn.Linear(n, m)
+        self.head = nn.Linear(m, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.first(x)) + torch.tanh(self.second(x)))
+
+
+def lora_model(dtype=torch.float32, n: int = 256, m: int = 64, **lora_kwargs) -> nn.Module:
+    """A seeded toy model with random (non-zero) LoRA factors on `first` and `second`."""
+    torch.manual_seed(0)
+    kwargs = {"r": 4, "lora_alpha": 8, "target_modules": ["first", "second"], "init_lora_weights": False}
+    model = get_peft_model(TwoLayer(n, m), LoraConfig(**(kwargs | lora_kwargs)))
+    model.to(dtype)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model.train()
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {name.split(".")[-1]: mod for name, mod in model.named_modules() if hasattr(mod, "lora_A")}
+
+
+def probe_noise(layer) -> torch.Tensor:
+    """ε of a LoRA layer, read through its base layer's forward on the identity matrix."""
+    base = layer.get_base_layer()
+    eye = torch.eye(base.in_features, dtype=base.weight.dtype)
+    with torch.no_grad():
+        out = base(eye)  # (n, m): row j is (W + ε)[:, j] + b
+    return (out - base.bias).T.double() - base.weight.double()
+
+
+def expected_sigma(layer, rho: float) -> torch.Tensor:
+    """σ_i computed naively from the materialised merged weight."""
+    w = layer.get_base_layer().weight.double()
+    merged = w + layer.get_delta_weight("default").double()
+    return rho * merged.norm(dim=1) / math.sqrt(w.shape[1])
+
+
+def ks_statistic(samples: torch.Tensor) -> float:
+    """Kolmogorov-Smirnov distance of standardised samples from N(0, 1)."""
+    x = samples.flatten().double().sort().values
+    n = x.numel()
+    cdf = torch.special.ndtr(x)
+    upper = torch.arange(1, n + 1, dtype=torch.double) / n
+    return max((upper - cdf).abs().max().item(), (cdf - (upper - 1 / n)).abs().max().item())
+
+
+def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    return (torch.dot(a - a.mean(), b - b.mean()) / ((a - a.mean()).norm() * (b - b.mean()).norm())).item()
+
+
+def train_steps(model, perturber, steps: int, accumulation: int = 1, seed: int = 0) -> torch.Tensor:
+    """A few AdamW steps on fixed random data; returns the last loss."""
+    gen = torch.Generator().manual_seed(seed)
+    n = model.base_model.model.first.in_features
+    xs = torch.randn(steps * accumulation, 8, n, generator=gen)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(steps):
+        for micro in range(accumulation):
+            if perturber is not None:
+                perturber.set_step(step)
+            x = xs[step * accumulation + micro].to(model.base_model.model.first.weight.dtype)
+            loss = model(x).float().square().mean()
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return loss.detach()
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def base_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# --- distribution -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("rslora", [False, True])
+def test_noise_rows_are_gaussian_with_sigma_from_merged_row_norms(sampler, rslora):
+    model = lora_model(torch.float64, n=1024, use_rslora=rslora)
+    perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.3, schedule="constant", sampler=sampler))
+    perturber.set_step(3)
+    for layer in lora_layers(model).values():
+        eps = probe_noise(layer)
+        sigma = expected_sigma(layer, 0.3)
+        n = eps.shape[1]
+        row_std = eps.std(dim=1) / sigma
+        row_mean = eps.mean(dim=1) / sigma
+        assert abs(row_std.mean().item() - 1) < 0.02
+        assert (row_std - 1).abs().max() < 0.2  # 64 rows of 1024 samples: s.e. of one row's std is 2.2%
+        assert row_mean.abs().max() < 5 / math.sqrt(n)
+        assert ks_statistic(eps / sigma[:, None]) < 1.63 / math.sqrt(eps.numel())  # 1% level
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_noise_is_independent_across_layers_and_steps(sampler):
+    model = lora_model(torch.float64)
+    layers = lora_layers(model)
+    perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.2, schedule="constant", sampler=sampler))
+    perturber.set_step(1)
+    first, second = (probe_noise(layers[k]) / expected_sigma(layers[k], 0.2)[:, None] for k in ("first", "second"))
+    perturber.set_step(2)
+    first_next = probe_noise(layers["first"]) / expected_sigma(layers["first"], 0.2)[:, None]
+    bound = 4 / math.sqrt(first.numel())
+    assert abs(corr(first, second)) < bound
+    assert abs(corr(first, first_next)) < bound
+    # Rows within a layer are independent too.
+    assert abs(corr(first[:-1], first[1:])) < bound
+
+
+def test_schedules_at_start_middle_and_end():
+    expected = {"cosine": (0.0, 0.5, 1.0), "linear": (0.0, 0.5, 1.0), "constant": (1.0, 1.0, 1.0)}
+    for name, values in expected.items():
+        got = tuple(SCHEDULES[name](t, 100) for t in (0, 50, 100))
+        assert got == pytest.approx(values, abs=1e-12), name
+        assert SCHEDULES[name](150, 100) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_perturber_follows_the_schedule_over_optimiser_steps(schedule):
+    model = lora_model()
+    perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, schedule=schedule, total_steps=10))
+    perturber.set_step(0)
+    assert perturber.factor == 0.0
+    assert probe_noise(lora_layers(model)["first"]).abs().max() < 1e-6  # no noise at t = 0
+    perturber.set_step(5)
+    assert perturber.factor == pytest.approx(0.05)
+    assert perturber.stats()["flat_lora/rel_perturbation"] == pytest.approx(0.05, rel=0.05)
+    perturber.set_step(10)
+    assert perturber.factor == pytest.approx(0.1)
+
+
+def test_one_noise_per_step_shared_by_micro_batches_and_interval():
+    model = lora_model(torch.float64)
+    layer = lora_layers(model)["first"]
+    perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, schedule="constant", interval=2))
+    perturber.set_step(2)
+    a = probe_noise(layer)
+    perturber.set_step(2)
+    assert torch.equal(a, probe_noise(layer))
+    perturber.set_step(3)  # same draw within the interval
+    assert torch.equal(a, probe_noise(layer))
+    perturber.set_step(4)
+    assert not torch.equal(a, probe_noise(layer))
+
+
+def test_no_noise_in_eval_mode():
+    model = lora_model()
+    perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.5, schedule="constant"))
+    perturber.set_step(1)
+    model.eval()
+    assert probe_noise(lora_layers(model)["first"]).abs().max() < 1e-6
+
+
+def test_ranks_draw_different_noise_unless_shared():
+    noise = {}
+    for rank in (0, 1):
+        for per_rank in (True, False):
+            model = lora_model(torch.float64)
+            config = FlatLoraConfig(rho=0.1, schedule="constant", noise_per_rank=per_rank)
+            FlatLoraPerturber(model, config, rank=rank).set_step(1)
+            noise[rank, per_rank] = probe_noise(lora_layers(model)["first"])
+    assert not torch.equal(noise[0, True], noise[1, True])
+    assert torch.equal(noise[0, False], noise[1, False])
+
+
+# --- exactness and reproducibility ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_base_weights_bit_identical_after_training(dtype, sampler):
+    model = lora_model(dtype)
+    before_base, before_lora = base_state(model), lora_state(model)
+    perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, total_steps=20, sampler=sampler))
+    train_steps(model, perturber, steps=20)
+    assert_same(before_base, base_state(model))
+    assert any(not torch.equal(before_lora[k], v) for k, v in lora_state(model).items())
+
+
+def test_gradients_match_explicitly_perturbed_weights():
+    model = lora_model(torch.float64)
+    layer = lora_layers(model)["first"]
+    base = layer.get_base_layer()
+    perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.2, schedule="constant"))
+    perturber.set_step(1)
+    eps = probe_noise(layer)
+    x = torch.randn(5, base.in_features, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(5, base.out_features, dtype=torch.float64)
+    (got,) = torch.autograd.grad(base(x), x, grad_out)
+    (want,) = torch.autograd.grad(F.linear(x, base.weight + eps, base.bias), x, grad_out)
+    torch.testing.assert_close(got, want)
+
+
+def test_same_seed_same_adapter_different_seed_different():
+    adapters = []
+    for seed in (0, 0, 1):
+        model = lora_model()
+        perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.2, schedule="constant", seed=seed))
+        train_steps(model, perturber, steps=4)
+        adapters.append(lora_state(model))
+    assert_same(adapters[0], adapters[1])
+    assert any(not torch.equal(adapters[0][k], adapters[2][k]) for k in adapters[0])
+
+
+def test_rho_zero_installs_nothing_and_equals_plain_lora():
+    plain, flat = lora_model(), lora_model()
+    perturber = FlatLoraPerturber(flat, FlatLoraConfig(rho=0.0))
+    assert perturber.layers == []
+    assert all("forward" not in layer.get_base_layer().__dict__ for layer in lora_layers(flat).values())
+    train_steps(plain, None, steps=3)
+    train_steps(flat, perturber, steps=3)
+    assert_same(lora_state(plain), lora_state(flat))
+
+
+def test_global_rng_untouched_by_perturbed_steps():
+    model = lora_model()
+    perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.2, schedule="constant"))
+    x = torch.randn(4, 256)
+    state = torch.random.get_rng_state()
+    perturber.set_step(1)
+    model(x).sum().backward()
+    perturber.set_step(2)
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_accumulated_gradients_see_one_noise_sample():
+    """Two micro-batches of step k equal one batch of both (the noise is shared)."""
+    grads = []
+    for accumulation in (1, 2):
+        model = lora_model(torch.float64)
+        perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.2, schedule="constant"))
+        x = torch.randn(8, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        for chunk in x.chunk(accumulation):
+            perturber.set_step(1)
+            (model(chunk).square().sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for key in grads[0]:
+        torch.testing.assert_close(grads[0][key], grads[1][key])
+
+
+def test_autocast_bf16_runs_and_keeps_base():
+    model = lora_model()
+    before = base_state(model)
+    perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, schedule="constant"))
+    perturber.set_step(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.base_model.model.first(torch.randn(4, 256))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert_same(before, base_state(model))
+
+
+# --- composition -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"use_rslora": True},
+                                     {"init_lora_weights": "pissa"}, {"init_lora_weights": "olora"},
+                                     {"lora_dropout": 0.1}])
+def test_composes_with_lora_variants(variant):
+    model = lora_model(**variant)
+    before = base_state(model)  # after PiSSA/OLoRA rewrote W at init
+    perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, schedule="constant"))
+    loss = train_steps(model, perturber, steps=3)
+    assert torch.isfinite(loss)
+    assert_same(before, base_state(model))
+
+
+def test_composes_with_loraplus_param_groups():
+    from peft.optimizers import create_loraplus_optimizer
+
+    model = lora_model()
+    optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
+    assert sorted({g["lr"] for g in optimizer.param_groups if g["params"]}) == [1e-3, 16e-3]
+    perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, schedule="constant"))
+    before = base_state(model)
+    for step in range(2):
+        perturber.set_step(step + 1)
+        model(torch.randn(4, 256)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert_same(before, base_state(model))
+
+
+def test_removal_restores_plain_forward():
+    model = lora_model()
+    with FlatLoraPerturber(model, FlatLoraConfig(rho=0.5, schedule="constant")) as perturber:
+        perturber.set_step(1)
+        assert probe_noise(lora_layers(model)["first"]).abs().max() > 0
+    assert probe_noise(lora_layers(model)["first"]).abs().max() < 1e-6
+
+
+def test_state_is_o_of_rows():
+    model = lora_model(n=512, m=64)
+    perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, schedule="constant"))
+    perturber.set_step(1)
+    for noise, cached in zip(perturber._noise, perturber._weight_sq, strict=True):
+        assert noise.sigma.shape == (64,) and cached.shape == (64,)
+    assert perturber.sampler.pool_size == 2 * 64 * 512
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"rho": -0.1}, "`rho` must be"),
+    ({"rho": 5.0}, "`rho` must be"),
+    ({"rho": float("nan")}, "`rho` must be"),
+    ({"schedule": "cubic"}, "`schedule` must be one of"),
+    ({"sampler": "uniform"}, "`sampler` must be one of"),
+    ({"interval": 0}, "`interval` must be"),
+    ({"total_steps": 0}, "`total_steps` must be"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FlatLoraConfig(**kwargs)
+
+
+def test_config_errors_are_reported_together():
+    with pytest.raises(ValueError, match=r"(?s)`rho`.*`interval`"):
+        FlatLoraConfig(rho=-1, interval=0)
+
+
+def test_ramp_needs_total_steps():
+    with pytest.raises(ValueError, match="needs `total_steps`"):
+        FlatLoraPerturber(lora_model(), FlatLoraConfig(rho=0.1, schedule="cosine"))
+
+
+def test_model_without_lora_is_rejected():
+    with pytest.raises(ValueError, match="no peft LoRA layers"):
+        FlatLoraPerturber(TwoLayer(), FlatLoraConfig(rho=0.1, schedule="constant"))
+
+
+def test_unsupported_layer_type_is_rejected_before_anything_changes():
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(1))
+    model = get_peft_model(conv, LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(TypeError, match="plain linear layers only; `.*0` wraps a Conv2d"):
+        FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, schedule="constant"))
+
+
+def test_second_perturber_on_same_model_is_rejected():
+    model = lora_model()
+    FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, schedule="constant"))
+    with pytest.raises(ValueError, match="already has a Flat-LoRA perturber"):
+        FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, schedule="constant"))
