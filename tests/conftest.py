@@ -43,3 +43,81 @@ def tiny_dino_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`LlamaForCausalLM` + byte-level fast tokenizer folder."""
     return build_tiny("llama", tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def dreambench_dir() -> Path:
+    """The DreamBench dataset (`prompts_and_classes.txt`, `images/<subject>/NN.jpg`) beside the repository."""
+    path = Path(__file__).resolve().parents[2] / "shared/data/dreambench"
+    if not (path / "prompts_and_classes.txt").is_file():
+        pytest.skip(f"DreamBench dataset not found at `{path}` (expected `../shared/data/dreambench`).")
+    return path
+
+
+def add_random_lora(pipe, *, rank: int = 4, alpha: int = 8, dora: bool = False, text_encoders: bool = True,
+                    seed: int = 0) -> dict:
+    """Add a LoRA adapter `default` with random A and B to the pipeline's UNet (and text encoders).
+
+    peft's `gaussian` init leaves B = 0 (a no-op adapter), so B is redrawn too. Text encoders get
+    theirs through `peft.inject_adapter_in_model`: transformers 5's `add_adapter` demands peft >= 0.22.
+    Returns the text encoders that got one, by pipeline component name.
+    """
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, use_dora=dora, init_lora_weights="gaussian",
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    encoders = {}
+    if text_encoders:
+        for name in ("text_encoder", "text_encoder_2"):
+            if getattr(pipe, name, None) is not None:
+                config = LoraConfig(r=2, lora_alpha=4, init_lora_weights="gaussian",
+                                    target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+                encoders[name] = inject_adapter_in_model(config, getattr(pipe, name), adapter_name="default")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for model in (pipe.unet, *encoders.values()):
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return encoders
+
+
+def save_random_adapter(base: Path, out_dir: Path, *, kohya: bool = False, **lora) -> Path:
+    """Load the tiny pipeline at `base`, add a random LoRA, save it as a trainer would; returns `out_dir`."""
+    from flatlora_diffusion.adapters import save_adapter
+    from flatlora_diffusion.flat_lora import FlatLoraConfig
+    from flatlora_diffusion.sampling import load_pipeline
+
+    pipe = load_pipeline(base)
+    encoders = add_random_lora(pipe, **lora)
+    save_adapter(out_dir, pipeline_class=type(pipe), unet=pipe.unet, text_encoders=encoders, base_model=str(base),
+                 prediction_type=pipe.scheduler.config.prediction_type,
+                 lora_config={"rank": lora.get("rank", 4), "alpha": lora.get("alpha", 8)},
+                 flat_lora=FlatLoraConfig(rho=0.1, total_steps=2).to_dict(),
+                 training={"instance_prompt": "a photo of sks dog", "steps": 2, "seed": 0}, kohya=kohya)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def sd_adapter_dir(tiny_sd_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random SD LoRA (UNet rank 4 / alpha 8 + text encoder) saved with the kohya copy."""
+    return save_random_adapter(tiny_sd_path, tmp_path_factory.mktemp("adapters") / "sd_dog", kohya=True)
+
+
+@pytest.fixture(scope="session")
+def sdxl_adapter_dir(tiny_sdxl_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random SDXL LoRA (UNet + both text encoders)."""
+    return save_random_adapter(tiny_sdxl_path, tmp_path_factory.mktemp("adapters") / "sdxl_dog")
+
+
+@pytest.fixture
+def single_thread():
+    """Run the test on one intra-op thread: on the shared 2-core machine, two OpenMP threads competing
+    with other processes make the tiny pipelines 10-50x slower (measured: 0.1 s vs 2-10 s per call)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
