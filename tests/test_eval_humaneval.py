@@ -1,0 +1,99 @@
+"""HumanEval: the sandboxed subprocess (timeouts, files, network, limits), program assembly and pass@k."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from eval import cli, humaneval
+from eval.sandbox import Limits, run_python
+
+PROBLEM = {
+    "task_id": "Toy/0",
+    "prompt": "from typing import List\n\n\ndef add(a: int, b: int) -> int:\n    \"\"\"Sum of a and b.\"\"\"\n",
+    "canonical_solution": "    return a + b\n",
+    "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
+    "entry_point": "add",
+}
+FAST = Limits(timeout_s=5)
+
+
+def test_correct_solution_passes() -> None:
+    result = run_python(humaneval.program(PROBLEM, PROBLEM["canonical_solution"]), FAST)
+    assert result.passed and result.returncode == 0
+
+
+def test_wrong_solution_fails() -> None:
+    result = run_python(humaneval.program(PROBLEM, "    return a - b\n"), FAST)
+    assert result.status == "failed" and "AssertionError" in result.stderr
+
+
+def test_infinite_loop_is_killed_by_the_timeout() -> None:
+    result = run_python("while True:\n    pass\n", Limits(timeout_s=1))
+    assert result.status == "timeout" and result.seconds < 5
+
+
+def test_file_writes_stay_in_the_temporary_directory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = run_python("import os\nopen('out.txt', 'w').write('x')\nprint(os.path.abspath('out.txt'))\n", FAST)
+    assert result.passed
+    written = Path(result.stdout.strip())
+    assert written.parent != tmp_path and not written.parent.exists()  # its own dir, removed afterwards
+    assert list(tmp_path.iterdir()) == []
+    outside = tmp_path / "escaped.txt"
+    result = run_python(f"open({str(outside)!r}, 'w').write('x')\n", FAST)
+    assert result.status == "failed" and "outside the sandbox" in result.stderr
+    assert not outside.exists()
+
+
+def test_no_network_no_fork_and_limited_memory() -> None:
+    result = run_python("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n", FAST)
+    assert result.status == "failed" and "disabled in the evaluation sandbox" in result.stderr
+    assert result.network is not None
+    assert "fork" in run_python("import os\nos.fork()\n", FAST).stderr
+    assert "subprocess" in run_python("import subprocess\nsubprocess.run(['ls'])\n", FAST).stderr
+    memory = run_python("x = bytearray(4 * 1024**3)\n", Limits(timeout_s=5, memory_mb=256))
+    assert memory.status == "failed" and "MemoryError" in memory.stderr
+
+
+def test_runs_in_a_separate_process() -> None:
+    assert run_python(f"import os\nassert os.getpid() != {os.getpid()}\n", FAST).passed
+
+
+def test_clean_completion() -> None:
+    base = "    return a + b\n\ndef helper():\n    pass\n"
+    assert humaneval.clean_completion(PROBLEM, base) == "    return a + b\n"
+    chat = "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
+    completion = humaneval.clean_completion(PROBLEM, chat)
+    program = humaneval.program(PROBLEM, completion)
+    assert program.startswith("from typing import List\n") and program.count("def add") == 1
+    assert run_python(program, FAST).passed
+
+
+def test_pass_at_k() -> None:
+    assert humaneval.pass_at_k(1, 1, 1) == 1.0 and humaneval.pass_at_k(1, 0, 1) == 0.0
+    assert humaneval.pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert humaneval.pass_at_k(5, 1, 2) == pytest.approx(1 - (4 * 3) / (5 * 4))
+
+
+def test_check_completions_in_parallel() -> None:
+    runs = humaneval.check_completions([PROBLEM] * 3, ["    return a + b\n", "    return 0\n", "    while True: pass\n"],
+                                       Limits(timeout_s=2), workers=3)
+    assert [r.status for r in runs] == ["passed", "failed", "timeout"]
+
+
+def test_cli_end_to_end(tiny_llama_path: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "HumanEval.jsonl"
+    data.write_text(json.dumps(PROBLEM) + "\n" + json.dumps({**PROBLEM, "task_id": "Toy/1"}) + "\n")
+    out = tmp_path / "he.json"
+    code = cli.main(["humaneval", "--model", str(tiny_llama_path), "--data", str(data), "--max_new_tokens", "8",
+                     "--timeout", "3", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 2 and result["pass@1"] == 0.0  # a random model writes no valid code
+    assert [json.loads(line)["task_id"] for line in out.with_suffix(".samples.jsonl").read_text().splitlines()] == [
+        "Toy/0", "Toy/1"]
+    capsys.readouterr()
