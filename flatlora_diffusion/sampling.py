@@ -219,29 +219,34 @@ def generate(
 
     Images are produced ``batch_size`` at a time; image ``i`` uses a CPU generator seeded with
     ``settings.seed + i``, so batching does not change which image a seed gives (the pixels may
-    differ by float rounding of batched kernels). ``settings.scheduler`` replaces the pipeline's.
+    differ by float rounding of batched kernels). ``settings.scheduler`` replaces the pipeline's
+    scheduler for this call only, so a later call without one gets the pipeline's own again.
     """
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
     activate_adapters(pipe, adapters)
+    own_scheduler = pipe.scheduler
     if settings.scheduler is not None:
         set_scheduler(pipe, settings.scheduler)
     images: list[Image.Image] = []
-    for start in range(0, settings.num_images, batch_size):
-        count = min(batch_size, settings.num_images - start)
-        generators = [torch.Generator("cpu").manual_seed(settings.seed + start + k) for k in range(count)]
-        output = pipe(
-            prompt=settings.prompt,
-            negative_prompt=settings.negative_prompt,
-            num_images_per_prompt=count,
-            generator=generators,
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance_scale,
-            width=settings.width,
-            height=settings.height,
-            output_type="pil",
-        )
-        images.extend(output.images)
+    try:
+        for start in range(0, settings.num_images, batch_size):
+            count = min(batch_size, settings.num_images - start)
+            generators = [torch.Generator("cpu").manual_seed(settings.seed + start + k) for k in range(count)]
+            output = pipe(
+                prompt=settings.prompt,
+                negative_prompt=settings.negative_prompt,
+                num_images_per_prompt=count,
+                generator=generators,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance_scale,
+                width=settings.width,
+                height=settings.height,
+                output_type="pil",
+            )
+            images.extend(output.images)
+    finally:
+        pipe.scheduler = own_scheduler
     return images
 
 

@@ -71,6 +71,15 @@ def test_sdxl_sampling(tiny_sdxl_path):
     assert np.array_equal(_pixels(images[1]), _pixels(generate(pipe, settings, batch_size=2)[1]))
 
 
+def test_scheduler_of_one_call_does_not_leak_into_the_next(sd_pipe):
+    settings = SampleSettings(prompt="a photo of sks dog", seed=3, steps=2, width=64, height=64)
+    own = type(sd_pipe.scheduler)
+    before = _pixels(generate(sd_pipe, settings)[0])
+    generate(sd_pipe, SampleSettings(**(settings.to_dict() | {"scheduler": "euler_a"})))
+    assert type(sd_pipe.scheduler) is own
+    assert np.array_equal(_pixels(generate(sd_pipe, settings)[0]), before)
+
+
 def test_schedulers_switch_without_leftovers(sd_pipe):
     prediction_type = sd_pipe.scheduler.config.prediction_type
     for name, (class_name, _) in SCHEDULERS.items():
