@@ -321,12 +321,14 @@ def _sidecar_images(folder: Path) -> list[Path]:
     return [p for p in images if p.is_file() and p.is_relative_to(root)]
 
 
-def find_adapters(roots: Iterable[str | os.PathLike], *, max_depth: int = 4) -> list[AdapterInfo]:
+def find_adapters(roots: Iterable[str | os.PathLike], *, max_depth: int = 4,
+                  skipped: list[tuple[Path, str]] | None = None) -> list[AdapterInfo]:
     """Every adapter folder under ``roots`` (up to ``max_depth`` levels down), sorted by name.
 
     Symlinks are resolved and anything that leads outside its root is skipped, as are hidden
     folders and unreadable adapters (with a warning). Names are the folder's path relative to its
-    root, made safe as adapter names (``runs/dog`` -> ``runs_dog``) and unique.
+    root, made safe as adapter names (``runs/dog`` -> ``runs_dog``) and unique. ``skipped``, if
+    given, receives ``(folder, reason)`` for each unreadable adapter (the app lists them).
     """
     found: list[AdapterInfo] = []
     names: set[str] = set()
@@ -342,6 +344,8 @@ def find_adapters(roots: Iterable[str | os.PathLike], *, max_depth: int = 4) -> 
                 info = read_adapter_info(folder)
             except AdapterError as err:
                 logger.warning("Skipping adapter `%s`: %s", folder, err)
+                if skipped is not None:
+                    skipped.append((folder, str(err)))
                 continue
             rel = folder.relative_to(base).as_posix()
             info.name = _unique(adapter_name_for(base.name if rel == "." else rel), names)

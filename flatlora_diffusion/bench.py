@@ -216,8 +216,88 @@ def _rss_worker(args: argparse.Namespace) -> None:
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
 
 
+def trainer_benchmark(args: argparse.Namespace) -> dict:
+    """``--mode trainer``: a whole DreamBooth trainer step -- data loading, VAE encoding, cached text
+    embeddings, UNet forward/backward, clipping, AdamW, lr step -- with plain LoRA and Flat-LoRA.
+
+    Two `DreamBoothTrainer`s on the same model and data (the bundled demo subject) take steps in
+    alternating order; Flat-LoRA runs at full strength (constant schedule) from the first step.
+    """
+    from flatlora_diffusion.dreambooth.config import load_config
+    from flatlora_diffusion.dreambooth.data import DEMO_INSTANCE_PROMPT, demo_subject_dir
+    from flatlora_diffusion.dreambooth.trainer import DreamBoothTrainer
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("`--device cuda` needs a CUDA build of torch and a GPU; none is available here.")
+    trainers = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant, rho in (("lora", 0.0), ("flat", args.rho)):
+            config = load_config([
+                "--pretrained_model_name_or_path", args.model, "--instance_data_dir", str(demo_subject_dir()),
+                "--instance_prompt", DEMO_INSTANCE_PROMPT, "--output_dir", str(Path(tmp) / variant),
+                "--resolution", str(args.resolution), "--train_batch_size", str(args.batch_size),
+                "--rank", str(args.rank), "--rho", str(rho), "--flat_schedule", "constant", "--seed", "0",
+                "--max_train_steps", str(10 * args.steps + 10), "--report_to", "none", "--random_flip",
+                "--mixed_precision", args.mixed_precision, "--cache_latents",
+            ])
+            trainers[variant] = trainer = DreamBoothTrainer(config)
+            trainer.setup()
+            trainer.batches = _endless(trainer)
+        runner = _TrainerSteps(trainers, args.device)
+        for _ in range(3):  # CPU kernels warm up over the first steps (oneDNN primitive caches)
+            for variant in trainers:
+                runner.run(variant)
+        times = time_variants(runner, args.steps, tuple(trainers))
+    result = {
+        "mode": "trainer", "model": args.model, "resolution": args.resolution, "batch_size": args.batch_size,
+        "rank": args.rank, "rho": args.rho, "mixed_precision": args.mixed_precision, "steps": args.steps,
+        "lora_layers": len(trainers["flat"].perturbers["unet"].layers),
+        "lora_step_s": statistics.median(times["lora"]), "flat_step_s": statistics.median(times["flat"]),
+        "ratio": _paired_ratio(times, "flat"), "times_s": times,
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads(),
+                    "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"},
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "times_s"}, indent=2))
+    return result
+
+
+def _endless(trainer):
+    """The trainer's batches, epoch after epoch."""
+    epoch = 0
+    while True:
+        trainer.batch_sampler.set_epoch(epoch)
+        yield from trainer.dataloader
+        epoch += 1
+
+
+class _TrainerSteps:
+    """`time_variants`' runner interface over trainers: ``run(variant)`` times one optimiser step."""
+
+    def __init__(self, trainers: dict, device: str) -> None:
+        self.trainers, self.device = trainers, device
+
+    def run(self, variant: str) -> float:
+        trainer = self.trainers[variant]
+        self._sync()
+        start = time.perf_counter()
+        trainer.train_step(next(trainer.batches))
+        self._sync()
+        return time.perf_counter() - start
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", default="core", choices=["core", "trainer"],
+                        help="`core`: the UNet step variants below; `trainer`: a whole DreamBooth trainer step, "
+                             "LoRA vs Flat-LoRA (uses --model, --resolution, --batch_size, --rank, --rho, --steps)")
+    parser.add_argument("--model", default="tiny:sd", help="trainer mode: base pipeline (hub id, folder or tiny:sd)")
+    parser.add_argument("--batch_size", type=int, default=1, help="trainer mode: images per step")
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="trainer mode")
     parser.add_argument("--arch", default="sd15", choices=["sd15", "sdxl", "tiny"])
     parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (latent = /8)")
     parser.add_argument("--rank", type=int, default=4)
@@ -237,6 +317,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args._peak_rss:
         _rss_worker(args)
         return {}
+    if args.mode == "trainer":
+        result = trainer_benchmark(args)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        return result
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("`--device cuda` needs a CUDA build of torch and a GPU; none is available here.")

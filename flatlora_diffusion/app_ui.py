@@ -1,0 +1,227 @@
+"""The Gradio layer of `app.py`: the command line, the page, and the wiring to a :class:`Studio`.
+
+The logic (cached pipeline, adapter discovery and switching, limits, sampling) lives in
+:mod:`flatlora_diffusion.app_studio`; this module only turns UI values into its calls and its
+:class:`StudioError` messages into ``gr.Error`` pop-ups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from functools import wraps
+
+from flatlora_diffusion.app_studio import DEFAULT_SCHEDULER, TRAIN_HINT, Limits, Studio, StudioError
+from flatlora_diffusion.sampling import SCHEDULERS
+
+logger = logging.getLogger(__name__)
+
+# The embedded default: the tiny model and the adapter folder of `configs/demo.yaml` (a test
+# checks they match), so `python app.py` after the README's main job shows its adapter offline.
+DEFAULT_BASE = "tiny:sd"
+DEFAULT_ADAPTERS = ("outputs/demo",)
+QUEUE_SIZE = 16  # requests waiting beyond this are refused ("queue full") instead of piling up
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    limits = Limits()
+    parser = argparse.ArgumentParser(
+        prog="python app.py", description="Sample from trained LoRA / Flat-LoRA adapters side by side.")
+    parser.add_argument("--base", default=DEFAULT_BASE,
+                        help="Base model: a diffusers folder, a Hub id, or tiny:sd / tiny:sdxl (default: %(default)s).")
+    parser.add_argument("--adapters", nargs="+", default=list(DEFAULT_ADAPTERS), metavar="DIR",
+                        help="Folders searched for trainer outputs (`pytorch_lora_weights.safetensors`); "
+                             "default: %(default)s.")
+    parser.add_argument("--host", default="127.0.0.1", help="Address to bind (default: %(default)s, this machine only).")
+    parser.add_argument("--port", type=int, default=7860, help="Port (default: %(default)s).")
+    parser.add_argument("--share", action="store_true", help="Also open a public gradio.live link (needs internet).")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps.")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                        help="Weights' dtype; auto: fp16 on CUDA, fp32 elsewhere.")
+    parser.add_argument("--max-steps", type=int, default=limits.max_steps, help="Most denoising steps per image.")
+    parser.add_argument("--max-size", type=int, default=limits.max_side, help="Largest width/height (multiple of 8).")
+    parser.add_argument("--max-images", type=int, default=limits.max_images, help="Most images per column.")
+    return parser.parse_args(argv)
+
+
+def _device_and_dtype(device: str, dtype: str):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "fp16" if str(device).startswith("cuda") else "fp32"
+    return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def ui_errors(fn: Callable) -> Callable:
+    """Show :class:`StudioError` messages as pop-ups; log anything else and show no stack trace."""
+    import gradio as gr
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StudioError as err:
+            raise gr.Error(str(err), print_exception=False) from err
+        except gr.Error:
+            raise
+        except Exception as err:  # a bug or an out-of-memory: details go to the server log only
+            logger.exception("Request failed")
+            hint = " Lower the width/height or the number of images." if "out of memory" in str(err).lower() else ""
+            raise gr.Error(f"Sampling failed ({type(err).__name__}); the server log has the details.{hint}",
+                           print_exception=False) from err
+    return wrapper
+
+
+def build_demo(studio: Studio):
+    """The page (controls left, gallery right, the adapters' settings below), with its queue."""
+    import gradio as gr
+
+    lim, native, slots = studio.limits, studio.native_size, studio.limits.max_adapters
+    with gr.Blocks(title="Flat-LoRA studio", analytics_enabled=False, fill_width=True) as demo:
+        gr.Markdown("## Flat-LoRA studio — the base model, LoRA and Flat-LoRA adapters on the same seed")
+        scales_state = gr.State({"slots": [], "scales": {}})
+        with gr.Row():
+            with gr.Column(scale=2):
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", max_length=lim.max_prompt_chars,
+                                    value=_default_prompt(studio))
+                negative = gr.Textbox(label="Negative prompt", lines=1, max_length=lim.max_prompt_chars)
+                run = gr.Button("Generate", variant="primary", elem_id="generate")
+                selected = gr.CheckboxGroup(choices=list(studio.adapters), value=list(studio.adapters)[:1],
+                                            label=f"Adapters (up to {slots})", elem_id="adapters")
+                sliders = [gr.Slider(-2, 2, value=1.0, step=0.05, visible=False, label=f"scale {i}",
+                                     elem_id=f"scale-{i}") for i in range(slots)]
+                compare = gr.Checkbox(value=True, label="Compare: base + each adapter alone, in columns",
+                                      elem_id="compare")
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, minimum=0, maximum=2**32 - 1, label="Seed", elem_id="seed")
+                    randomise = gr.Checkbox(value=False, label="Randomise seed")
+                with gr.Row():
+                    steps = gr.Slider(1, lim.max_steps, value=min(20, lim.max_steps), step=1, label="Steps",
+                                      elem_id="steps")
+                    guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance scale")
+                with gr.Row():
+                    width = gr.Slider(64, lim.max_side, value=native, step=8, label="Width")
+                    height = gr.Slider(64, lim.max_side, value=native, step=8, label="Height")
+                with gr.Row():
+                    num_images = gr.Slider(1, lim.max_images, value=1, step=1, label="Images (per column)")
+                    scheduler = gr.Dropdown([DEFAULT_SCHEDULER, *SCHEDULERS], value=DEFAULT_SCHEDULER,
+                                            label="Scheduler")
+            with gr.Column(scale=3):
+                gallery = gr.Gallery(label="Images (download: PNG with the settings as text chunks)",
+                                     elem_id="gallery", columns=2, height=420, object_fit="contain",
+                                     buttons=["download", "fullscreen"])
+                status = gr.Markdown(elem_id="status")
+        with gr.Accordion("Adapters and their training settings", open=True):
+            table = gr.Markdown(studio.describe(), elem_id="adapter-table")
+            with gr.Row():
+                with gr.Column(scale=1):
+                    shown = gr.Dropdown(list(studio.adapters), value=next(iter(studio.adapters), None),
+                                        label="Validation images of")
+                    rescan = gr.Button("Rescan adapter folders", size="sm")
+                validation = gr.Gallery(value=studio.validation_images(next(iter(studio.adapters), "")),
+                                        columns=4, height=160, label="Validation images", scale=3)
+
+        def assign(names, state, *values):
+            """Give each selected adapter a scale slider, keeping the scale it had before."""
+            scales = dict(state["scales"])
+            scales.update(zip(state["slots"], values, strict=False))
+            names = list(names or [])[:slots]
+            updates = [gr.Slider(visible=i < len(names), label=f"Scale of {names[i]}" if i < len(names) else "scale",
+                                 value=scales.get(names[i], 1.0) if i < len(names) else 1.0) for i in range(slots)]
+            return {"slots": names, "scales": scales}, *updates
+
+        @ui_errors
+        def sample(values: dict, progress=gr.Progress()):  # noqa: B008 (gradio finds its tracker by this default)
+            """`values`: {component: value}, since the inputs are given as a set."""
+            names = list(values[selected] or [])
+            if len(names) > slots:
+                raise StudioError(f"Select at most {slots} adapters, got {len(names)}.")
+            seed_value = secrets.randbelow(2**32) if values[randomise] else values[seed]
+            settings = studio.settings(values[prompt], values[negative], seed=seed_value, steps=values[steps],
+                                       guidance_scale=values[guidance], width=values[width], height=values[height],
+                                       num_images=values[num_images], scheduler=values[scheduler])
+            adapters = dict(zip(names, [values[slider] for slider in sliders], strict=False))
+            run_fn = studio.compare if values[compare] else studio.generate
+            result = run_fn(settings, adapters, progress=lambda done, total, what: progress((done, total), desc=what))
+            return gr.Gallery(value=result.gallery(), columns=len(result.columns)), settings.seed, result.summary()
+
+        def refresh(names):
+            studio.scan()
+            kept = [name for name in names or [] if name in studio.adapters]
+            first = next(iter(studio.adapters), None)
+            return (gr.CheckboxGroup(choices=list(studio.adapters), value=kept), studio.describe(),
+                    gr.Dropdown(choices=list(studio.adapters), value=first), studio.validation_images(first or ""))
+
+        # Cheap UI events skip the one-at-a-time limit, so they never wait behind a generation.
+        fast = {"concurrency_limit": None, "show_progress": "hidden"}
+        selected.change(assign, [selected, scales_state, *sliders], [scales_state, *sliders], **fast)
+        demo.load(assign, [selected, scales_state, *sliders], [scales_state, *sliders], **fast)
+        run.click(sample, {prompt, negative, selected, compare, seed, randomise, steps, guidance, width, height,
+                           num_images, scheduler, *sliders}, [gallery, seed, status], concurrency_limit=1)
+        rescan.click(ui_errors(refresh), [selected], [selected, table, shown, validation], concurrency_limit=1)
+        shown.change(lambda name: studio.validation_images(name or ""), [shown], [validation], **fast)
+    # One generation at a time (the pipeline is shared); others wait in line, up to QUEUE_SIZE of them.
+    return demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+
+
+def _default_prompt(studio: Studio) -> str:
+    """The first adapter's instance prompt: what the newcomer's adapter was trained on."""
+    for info in studio.adapters.values():
+        if info.training.get("instance_prompt"):
+            return info.training["instance_prompt"]
+    return "a photo of a dog"
+
+
+def launch(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+           prevent_thread_lock: bool = False):
+    """Serve the page; returns the Blocks (``demo.close()`` stops it when ``prevent_thread_lock``)."""
+    demo = build_demo(studio)
+    demo.launch(server_name=host, server_port=port, share=share, ssr_mode=False, show_error=False,
+                prevent_thread_lock=prevent_thread_lock, footer_links=[])
+    return demo
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default: no telemetry calls
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        limits = Limits(max_steps=args.max_steps, max_side=args.max_size, max_images=args.max_images)
+        device, dtype = _device_and_dtype(args.device, args.dtype)
+        studio = Studio.open(args.base, args.adapters, device=device, dtype=dtype, limits=limits)
+    except ValueError as err:  # bad flag, unloadable base model: the message names it and the fix
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"Base model `{args.base}` on {device}; {len(studio.adapters)} adapter(s) found under "
+          f"{', '.join(args.adapters)}: {', '.join(studio.adapters) or 'none'}.", flush=True)
+    for folder, reason in studio.skipped:
+        print(f"Skipped `{folder}`: {reason}", flush=True)
+    if not studio.adapters:
+        print(f"No adapter yet: train one with `{TRAIN_HINT}`, then click Rescan.", flush=True)
+    if not _is_loopback(args.host) or args.share:
+        print(f"WARNING: the app is reachable beyond this machine ({'share link' if args.share else args.host}) "
+              "and has no authentication.", flush=True)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops it like Ctrl-C: cleanup runs
+    try:
+        launch(studio, host=args.host, port=args.port, share=args.share)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        studio.close()
+    return 0

@@ -1,0 +1,178 @@
+"""The trainer's typed config: flags, YAML, precedence, validation (every error at once), presets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flatlora_diffusion.dreambooth.config import (
+    FLAGS,
+    MAX_RHO,
+    ConfigError,
+    TrainConfig,
+    build_parser,
+    load_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED = ["--pretrained_model_name_or_path", "tiny:sd", "--instance_data_dir", "imgs", "--instance_prompt", "a sks dog"]
+
+
+def write_yaml(path: Path, data: dict | str) -> Path:
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_follow_the_diffusers_scripts_and_the_paper():
+    config = load_config(REQUIRED)
+    assert config.lora.rank == 4 and config.lora.alpha == 4.0  # alpha defaults to the rank
+    assert config.lora.lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert config.lora.text_encoder_target_modules == ["q_proj", "k_proj", "v_proj", "out_proj"]
+    assert config.flat.rho == 0.1 and config.flat.schedule == "cosine" and config.flat.interval == 1
+    assert config.flat.seed is None  # the trainer uses `--seed`
+    assert config.optim.lr_scheduler == "constant" and config.optim.learning_rate == 1e-4
+    assert config.logging.report_to == "tensorboard" and config.checkpoint.checkpointing_steps == 500
+    assert config.data.resolution == 512 and config.optim.seed is None
+
+
+def test_every_flag_has_help_and_one_owner():
+    assert all(flag.help for flag in FLAGS.values())
+    help_text = build_parser().format_help()
+    for name in ("--rho", "--flat_schedule", "--flat_interval", "--lora_alpha", "--with_prior_preservation",
+                 "--snr_gamma", "--resume_from_checkpoint", "--output_kohya_format", "--enable_bucketing"):
+        assert name in help_text
+
+
+def test_command_line_overrides_yaml_and_lists_parse(tmp_path):
+    path = write_yaml(tmp_path / "run.yaml", {
+        "pretrained_model_name_or_path": "tiny:sd", "instance_data_dir": "imgs", "instance_prompt": "a sks dog",
+        "rank": 8, "learning_rate": "1e-4",  # PyYAML reads `1e-4` as a string: accepted for a float
+        "lora_target_modules": "to_q,to_v", "train_text_encoder": True,
+    })
+    config = load_config(["--config", str(path), "--rank", "16", "--no-train_text_encoder", "--rho", "0"])
+    assert config.lora.rank == 16 and config.lora.alpha == 16.0
+    assert config.optim.learning_rate == 1e-4
+    assert config.lora.lora_target_modules == ["to_q", "to_v"]
+    assert config.lora.train_text_encoder is False and config.flat.rho == 0.0
+    assert load_config([*REQUIRED, "--lora_target_modules", "to_k, to_out.0"]).lora.lora_target_modules == [
+        "to_k", "to_out.0"]
+
+
+def test_yaml_unknown_keys_and_wrong_types_are_rejected_together(tmp_path):
+    path = write_yaml(tmp_path / "bad.yaml", {"learnig_rate": 1.0, "rank": "four", "use_dora": "yes",
+                                              "lora_target_modules": 3})
+    with pytest.raises(ConfigError) as info:
+        load_config(["--config", str(path)])
+    message = str(info.value)
+    assert "Unknown setting `learnig_rate`" in message and "Did you mean `learning_rate`?" in message
+    assert "`rank`" in message and "must be an integer" in message
+    assert "`use_dora`" in message and "`lora_target_modules`" in message
+    assert "`--instance_prompt` is required" in message  # the missing flags too, in the same error
+
+
+def test_unreadable_or_non_mapping_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="`--config` file .* does not exist"):
+        load_config(["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(ConfigError, match="must be a mapping of flag names"):
+        load_config(["--config", str(write_yaml(tmp_path / "list.yaml", "- 1\n- 2\n"))])
+    with pytest.raises(ConfigError, match="not readable YAML"):
+        load_config(["--config", str(write_yaml(tmp_path / "broken.yaml", "rank: [1, 2\n"))])
+
+
+def test_all_errors_are_reported_together():
+    with pytest.raises(ConfigError) as info:
+        load_config(["--rank", "0", "--rho", "-1", "--resolution", "30", "--seed", "abc", "--lr_scheduler", "nope",
+                     "--learnign_rate", "1", "--flat_schedule", "sine"])
+    errors = info.value.errors
+    joined = "\n".join(errors)
+    for expected in ("`--rank` must be an integer >= 1, got 0", "`--rho` must be a number in [0, 1]",
+                     "`--resolution` must be a positive multiple of 8", "try 24 or 32", "`--seed` must be an integer",
+                     "`--lr_scheduler` must be one of", "Unknown flag `--learnign_rate`", "`--learning_rate`?",
+                     "`--flat_schedule` must be one of", "`--pretrained_model_name_or_path` is required"):
+        assert expected in joined
+    assert len(errors) >= 9
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (["--rank", "0"], r"`--rank` must be an integer >= 1, got 0"),
+    (["--rho", "-0.1"], r"`--rho` must be a number in \[0, 1\]"),
+    (["--rho", "0.8"], rf"`--rho` 0.8 is too large.*at most {MAX_RHO}"),
+    (["--rho", "nan"], r"`--rho` must be a number in \[0, 1\]"),
+    (["--resolution", "500"], r"`--resolution` must be a positive multiple of 8 .* got 500; try 496 or 504"),
+    (["--lora_dropout", "1.5"], r"`--lora_dropout` must be in \[0, 1\)"),
+    (["--with_prior_preservation"], r"`--with_prior_preservation` needs `--class_data_dir`"),
+    (["--validation_steps", "5", "--validation_epochs", "1"], r"either `--validation_steps` or `--validation_epochs`"),
+    (["--dataset_name", "x/y"], r"either `--instance_data_dir` or `--dataset_name`"),
+    (["--flat_interval", "0"], r"`--flat_interval` must be an integer >= 1"),
+    (["--mixed_precision", "fp8"], r"`--mixed_precision` must be one of no, fp16, bf16"),
+    (["--bucket_step", "12"], r"`--bucket_step` must be a multiple of 8"),
+])
+def test_bad_values_name_the_flag(args, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config([*REQUIRED, *args])
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (["--optimizer", "prodigy"], r"`--optimizer prodigy` needs the `prodigyopt` package: `pip install prodigyopt`"),
+    (["--use_8bit_adam"], r"`--use_8bit_adam` needs the `bitsandbytes` package"),
+    (["--enable_xformers_memory_efficient_attention"], r"needs the `xformers` package .* PyTorch SDPA"),
+    (["--report_to", "wandb"], r"`--report_to wandb` needs the `wandb` package"),
+    (["--mixed_precision", "fp16"], r"`--mixed_precision fp16` needs a CUDA GPU; use `bf16` or `no`"),
+])
+def test_missing_optional_extras_fail_clearly(args, match, monkeypatch):
+    import flatlora_diffusion.dreambooth.config as config_module
+
+    monkeypatch.setattr(config_module, "_installed", lambda module: False)
+    monkeypatch.setattr(config_module, "_cuda_available", lambda: False)
+    with pytest.raises(ConfigError, match=match):
+        load_config([*REQUIRED, *args])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config([*REQUIRED, "--rank", "8", "--lora_alpha", "4", "--seed", "3", "--rho", "0.05"])
+    path = config.save_yaml(tmp_path / "out" / "config.yaml", header="resolved")
+    assert path.read_text().startswith("# resolved\n")
+    again = load_config(["--config", str(path)])
+    assert again == config and again.to_flags() == config.to_flags()
+    assert TrainConfig.from_flags(config.to_flags()) == config
+
+
+def test_none_on_the_command_line_clears_an_optional_flag(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"checkpoints_total_limit": 3, "validation_prompt": "x"})
+    config = load_config(["--config", str(path), *REQUIRED, "--checkpoints_total_limit", "none"])
+    assert config.checkpoint.checkpoints_total_limit is None and config.validation.validation_prompt == "x"
+
+
+DREAMBOOTH_CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml")
+                            if "train_dreambooth_flatlora.py" in p.read_text().split("\n\n")[0])
+
+
+def test_the_presets_exist():
+    assert {p.name for p in DREAMBOOTH_CONFIGS} >= {"demo.yaml", "sd15_dreambooth.yaml", "sdxl_3d_icons.yaml"}
+
+
+@pytest.mark.parametrize("path", DREAMBOOTH_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_training_config_loads(path, monkeypatch):
+    import flatlora_diffusion.dreambooth.config as config_module
+
+    monkeypatch.setattr(config_module, "_cuda_available", lambda: True)  # the GPU presets use fp16
+    assert path.read_text().startswith("#")  # header: what it is and the command that runs it
+    config = load_config(["--config", str(path)])
+    assert config.flat.rho > 0
+    if path.name == "sdxl_3d_icons.yaml":  # the paper's run
+        assert (config.optim.max_train_steps, config.optim.learning_rate, config.optim.train_batch_size) == (500, 1e-4, 1)
+        assert config.lora.rank == 4 and config.lora.alpha == 4 and config.flat.rho == 0.1
+        assert config.optim.lr_scheduler == "constant"
+        assert "stable-diffusion-xl" in config.model.pretrained_model_name_or_path
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_accelerate_config_loads(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    assert path.read_text().startswith("#") and "accelerate launch --config_file" in path.read_text()
+    cluster = load_config_from_file(str(path))
+    assert cluster.num_processes >= 1
+    assert {p.name for p in path.parent.glob("*.yaml")} == {"single_gpu.yaml", "multi_gpu.yaml", "cpu.yaml"}

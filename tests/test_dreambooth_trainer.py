@@ -1,0 +1,390 @@
+"""The DreamBooth trainer end to end on tiny SD / SDXL models: the real entry point, 2-3 steps each.
+
+Losses are pinned for fixed seeds; a killed-and-resumed run must end with the adapter of an
+uninterrupted one; the adapter must load into a stock diffusers pipeline; every bad input gets its
+error before training; a 2-process `accelerate launch` on CPU (gloo) completes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from flatlora_diffusion.dreambooth import checkpoints as ckpt
+from flatlora_diffusion.dreambooth.config import ConfigError
+from flatlora_diffusion.dreambooth.data import DataWarning, demo_subject_dir
+from flatlora_diffusion.dreambooth.trainer import DreamBoothError, DreamBoothTrainer, TrainingError
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "train_dreambooth_flatlora.py"
+PROMPT = "a photo of sks dog"
+
+
+def _load_entry_point():
+    spec = importlib.util.spec_from_file_location("train_dreambooth_flatlora", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+main = _load_entry_point()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each run builds its own `Accelerator`; accelerate keeps process-wide singletons."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def argv(model: Path, out: Path, *extra: str, steps: int = 2, seed: int | None = 0) -> list[str]:
+    """The shared flags: 32 px, batch 2, a few steps, no tracker, seed 0."""
+    return ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(demo_subject_dir()),
+            "--instance_prompt", PROMPT, "--output_dir", str(out), "--resolution", "32", "--train_batch_size", "2",
+            "--max_train_steps", str(steps), "--learning_rate", "1e-3", "--report_to", "none",
+            "--checkpointing_steps", "1000", *(["--seed", str(seed)] if seed is not None else []), *extra]
+
+
+def lora_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "pytorch_lora_weights.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# SD: plain LoRA vs Flat-LoRA, pinned losses, the stock pipeline loads the adapter
+
+
+@pytest.fixture(scope="module")
+def flat_run(tiny_sd_path, tmp_path_factory):
+    """Tiny SD, Flat-LoRA at full strength from step 0 (constant schedule), 3 steps, kohya output."""
+    out = tmp_path_factory.mktemp("flat")
+    trainer = main(argv(tiny_sd_path, out, "--flat_schedule", "constant", "--output_kohya_format",
+                        "--validation_prompt", PROMPT, "--num_validation_images", "1",
+                        "--validation_num_inference_steps", "2", steps=3))
+    return trainer, out
+
+
+def test_plain_lora_losses_are_pinned(tiny_sd_path, tmp_path):
+    trainer = main(argv(tiny_sd_path, tmp_path, "--rho", "0", steps=3))
+    assert trainer.perturbers == {}
+    assert trainer.losses == pytest.approx(PINNED["sd_lora"], rel=1e-4)
+    assert [log["flat_lora/rho_t"] for log in trainer.logs] == [0.0] * 3
+
+
+def test_flat_lora_run(flat_run, tiny_sd_path):
+    trainer, out = flat_run
+    assert trainer.losses == pytest.approx(PINNED["sd_flat"], rel=1e-4)
+    assert [log["flat_lora/rho_t"] for log in trainer.logs] == [0.1] * 3  # logged every step
+    assert all(log["flat_lora/rel_perturbation"] > 0 for log in trainer.logs)
+    # The frozen UNet weights are untouched by the noise (bit for bit).
+    from diffusers import UNet2DConditionModel
+
+    base = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet").state_dict()
+    trained = {k.replace(".base_layer", ""): v for k, v in trainer.components.unet.state_dict().items() if "lora" not in k}
+    assert all(torch.equal(base[k], trained[k]) for k in base)
+    # Outputs: adapter (+ metadata), kohya file, model card, resolved config, validation images.
+    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors", "README.md",
+                 "adapter_info.json", "config.yaml", "validation/final/image_000.png"):
+        assert (out / name).is_file(), name
+    info = json.loads((out / "adapter_info.json").read_text())
+    assert info["flat_lora"]["rho"] == 0.1 and info["flat_lora"]["schedule"] == "constant"
+    assert info["components"]["unet"]["rank"] == 4 and info["training"]["steps"] == 3
+    assert "validation/final/image_000.png" in (out / "README.md").read_text()
+    resolved = (out / "config.yaml").read_text()
+    assert "max_train_steps: 3" in resolved and "flat_total_steps: 3" in resolved and "seed: 0" in resolved
+
+
+def test_adapter_loads_into_a_stock_pipeline_and_changes_its_output(flat_run, tiny_sd_path):
+    from diffusers import StableDiffusionPipeline
+
+    _, out = flat_run
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample():
+        return pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    before = sample()
+    pipe.load_lora_weights(str(out))
+    assert (sample() - before).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Features: v-prediction + min-SNR + noise offset; DoRA + accumulation + cached latents; SDXL with
+# text encoders and prior preservation; bucketing; bf16
+
+
+def test_v_prediction_min_snr_noise_offset_text_encoder(tiny_sd_v_path, tmp_path):
+    trainer = main(argv(tiny_sd_v_path, tmp_path, "--snr_gamma", "5", "--noise_offset", "0.05",
+                        "--train_text_encoder", "--text_encoder_lr", "5e-4", "--gradient_checkpointing"))
+    assert trainer.components.unet.is_gradient_checkpointing
+    assert trainer.components.noise_scheduler.config.prediction_type == "v_prediction"
+    assert trainer.losses == pytest.approx(PINNED["sd_v"], rel=1e-4)
+    assert set(trainer.perturbers) == {"unet", "text_encoder"}
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-3, 5e-4]
+    keys = lora_tensors(tmp_path)
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+
+
+def test_dora_gradient_accumulation_and_cached_latents_match_uncached(tiny_sd_path, tmp_path):
+    common = ("--use_dora", "--gradient_accumulation_steps", "2", "--train_batch_size", "1")
+    cached = main(argv(tiny_sd_path, tmp_path / "cached", *common, "--cache_latents"))
+    plain = main(argv(tiny_sd_path, tmp_path / "plain", *common))
+    assert cached.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert len(cached._latent_cache) == 4  # 2 steps x 2 micro-batches of 1 image
+    assert any("lora_magnitude_vector" in k for k in lora_tensors(tmp_path / "cached"))
+
+
+def test_sdxl_prior_preservation_text_encoders(tiny_sdxl_path, tmp_path):
+    class_dir = tmp_path / "class"
+    trainer = main(argv(tiny_sdxl_path, tmp_path / "out", "--with_prior_preservation", "--class_data_dir",
+                        str(class_dir), "--class_prompt", "a photo of dog", "--num_class_images", "3",
+                        "--sample_batch_size", "2", "--class_num_inference_steps", "2", "--train_text_encoder"))
+    assert len(list(class_dir.glob("*.png"))) == 3  # generated before training
+    assert trainer.components.family.name == "sdxl"
+    assert set(trainer.perturbers) == {"unet", "text_encoder", "text_encoder_2"}
+    assert trainer.losses == pytest.approx(PINNED["sdxl_prior"], rel=1e-4)
+    keys = lora_tensors(tmp_path / "out")
+    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    pipe.load_lora_weights(str(tmp_path / "out"))
+    assert set(pipe.get_list_adapters()) == {"unet", "text_encoder", "text_encoder_2"}
+
+
+def test_sdxl_plain_lora(tiny_sdxl_path, tmp_path):
+    trainer = main(argv(tiny_sdxl_path, tmp_path, "--rho", "0", "--cache_latents"))
+    assert trainer.perturbers == {} and trainer.components.vae.dtype == torch.float32
+    assert trainer.losses == pytest.approx(PINNED["sdxl_lora"], rel=1e-4)
+    assert {k.split(".")[0] for k in lora_tensors(tmp_path)} == {"unet"}
+
+
+def test_bucketing_with_mixed_aspect_ratios(tiny_sd_path, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, size in enumerate([(96, 48), (48, 96), (64, 64), (100, 50)]):
+        Image.new("RGB", size, (40 * i, 90, 200)).save(images / f"{i}.png")
+    trainer = main([*argv(tiny_sd_path, tmp_path / "out", "--enable_bucketing", "--rho", "0.05",
+                           "--pretrained_vae_model_name_or_path", str(tiny_sd_path / "vae")),
+                    "--instance_data_dir", str(images)])
+    assert len(trainer.dataset.buckets) == 3 and len(set(trainer.dataset.bucket_ids)) == 3
+    assert len(trainer.losses) == 2
+
+
+def test_bf16_keeps_frozen_weights_in_bf16_and_lora_in_fp32(tiny_sd_path, tmp_path):
+    trainer = main(argv(tiny_sd_path, tmp_path, "--mixed_precision", "bf16", steps=1))
+    unet = trainer.components.unet
+    dtypes = {p.dtype for p in unet.parameters() if p.requires_grad}
+    assert dtypes == {torch.float32}
+    assert {p.dtype for p in unet.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert all(torch.isfinite(torch.tensor(trainer.losses)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: kill and resume, atomic writes, total limit, NaN
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL at a chosen moment."""
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tiny_sd_path, tmp_path, monkeypatch):
+    # --lora_dropout draws from the global RNG: its state must be restored too.
+    extra = ("--lora_dropout", "0.1", "--random_flip", "--checkpoints_total_limit", "2")
+    # The reference also samples validation images after epoch 1 (step 3): sampling must not change training.
+    reference = main(argv(tiny_sd_path, tmp_path / "ref", *extra, "--validation_prompt", PROMPT, "--validation_epochs",
+                          "1", "--num_validation_images", "1", "--validation_num_inference_steps", "2",
+                          "--no-final_validation", steps=4))
+    assert (tmp_path / "ref" / "validation" / "epoch-0001" / "image_000.png").is_file()
+
+    out = tmp_path / "killed"
+    real_save = torch.save
+
+    def save_then_die(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        if Path(path).parent.name == ".checkpoint-3.tmp":  # mid-write of the 3rd checkpoint
+            raise Killed
+
+    monkeypatch.setattr(torch, "save", save_then_die)
+    with pytest.raises(Killed):
+        main(argv(tiny_sd_path, out, *extra, "--checkpointing_steps", "1", steps=4))
+    monkeypatch.undo()
+    # The interrupted write is invisible; the previous checkpoints are complete and loadable.
+    assert (out / ".checkpoint-3.tmp").is_dir()
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+    # Without `--seed`, the resumed run takes the checkpoint's.
+    resumed = main(argv(tiny_sd_path, out, *extra, "--checkpointing_steps", "1", "--resume_from_checkpoint",
+                        "latest", steps=4, seed=None))
+    assert resumed.seed == 0
+    assert resumed.losses == pytest.approx(reference.losses, rel=1e-6)
+    ref, got = lora_tensors(tmp_path / "ref"), lora_tensors(out)
+    assert ref.keys() == got.keys()
+    assert all(torch.allclose(ref[k], got[k], rtol=1e-5, atol=1e-7) for k in ref)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]  # limit 2
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_sd_path, tmp_path, monkeypatch):
+    real_loss = DreamBoothTrainer._loss
+
+    def loss_nan_at_step_3(self, batch, index):
+        loss = real_loss(self, batch, index)
+        return loss * float("nan") if self.global_step == 2 else loss
+
+    monkeypatch.setattr(DreamBoothTrainer, "_loss", loss_nan_at_step_3)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 3 .* last good checkpoint is `.*checkpoint-2`"):
+        main(argv(tiny_sd_path, tmp_path, "--checkpointing_steps", "2", steps=4))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error before training, nothing written
+
+
+def _truncated_jpeg(path: Path) -> Path:
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+    return path
+
+
+@pytest.fixture(scope="module")
+def bad_images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("bad")
+    shutil.copy(demo_subject_dir() / "00.jpg", folder / "good.jpg")
+    _truncated_jpeg(folder / "broken.jpg")
+    return folder
+
+
+@pytest.mark.parametrize(("extra", "error", "match"), [
+    (["--instance_data_dir", "/nonexistent/dir"], DreamBoothError, r"`--instance_data_dir` folder `/nonexistent/dir` does not exist"),
+    (["--instance_data_dir", "EMPTY"], DreamBoothError, r"`--instance_data_dir` folder .* holds no images"),
+    (["--instance_data_dir", "BAD"], DreamBoothError, r"Cannot read image `.*broken.jpg`.*--skip_bad_images"),
+    (["--pretrained_model_name_or_path", "NOT_A_PIPELINE"], DreamBoothError, r"is not a diffusers pipeline folder: `model_index.json` is missing"),
+    (["--pretrained_model_name_or_path", "tiny:nope"], DreamBoothError, r"`--pretrained_model_name_or_path` 'tiny:nope' is not a tiny model"),
+    (["--rho", "-0.5"], ConfigError, r"`--rho` must be a number in \[0, 1\]"),
+    (["--rho", "3"], ConfigError, r"`--rho` 3.0 is too large"),
+    (["--rank", "0"], ConfigError, r"`--rank` must be an integer >= 1"),
+    (["--resolution", "36"], ConfigError, r"`--resolution` must be a positive multiple of 8"),
+    (["--resume_from_checkpoint", "/nonexistent/checkpoint-5"], DreamBoothError, r"`--resume_from_checkpoint` `/nonexistent/checkpoint-5` does not exist"),
+    (["--lora_target_modules", "nope"], DreamBoothError, r"`--lora_target_modules` nope: Target modules .*nope.* not found"),
+])
+def test_bad_input_errors_before_training(extra, error, match, tiny_sd_path, tmp_path, bad_images):
+    replace = {"EMPTY": str(tmp_path / "empty"), "BAD": str(bad_images), "NOT_A_PIPELINE": str(tmp_path / "empty")}
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    with pytest.raises(error, match=match):
+        main([*argv(tiny_sd_path, out), *[replace.get(arg, arg) for arg in extra]])
+    assert not out.exists() or not any(out.rglob("*.safetensors"))
+
+
+def test_all_input_errors_are_reported_together(tiny_sd_path, tmp_path):
+    with pytest.raises(DreamBoothError) as info:
+        main([*argv(tmp_path / "no_model", tmp_path / "out"), "--instance_data_dir", str(tmp_path / "none"),
+              "--resume_from_checkpoint", str(tmp_path / "no_ckpt")])
+    assert len(info.value.errors) == 3
+
+
+def test_corrupted_checkpoint_is_named_and_kept(tiny_sd_path, tmp_path):
+    main(argv(tiny_sd_path, tmp_path, "--checkpointing_steps", "1", steps=2))
+    checkpoint = tmp_path / "checkpoint-1"
+    (checkpoint / "lora.safetensors").write_bytes((checkpoint / "lora.safetensors").read_bytes()[:100])
+    with pytest.raises(DreamBoothError, match=r"`.*checkpoint-1` is corrupted: `lora.safetensors` cannot be read"):
+        main(argv(tiny_sd_path, tmp_path, "--resume_from_checkpoint", "latest", steps=3))
+    (checkpoint / ckpt.STATE_NAME).unlink()
+    with pytest.raises(DreamBoothError, match=r"is not a complete checkpoint: `trainer_state.json` is missing"):
+        main(argv(tiny_sd_path, tmp_path, "--resume_from_checkpoint", str(checkpoint), steps=3))
+    assert checkpoint.is_dir()
+
+
+def test_bad_images_are_skipped_and_small_ones_upscaled_with_warnings(tiny_sd_path, tmp_path, bad_images):
+    with pytest.warns(DataWarning) as record:
+        trainer = main([*argv(tiny_sd_path, tmp_path, "--skip_bad_images", steps=1),
+                        "--instance_data_dir", str(bad_images), "--resolution", "256"])
+    messages = " ".join(str(w.message) for w in record)
+    assert "Skipping" in messages and "broken.jpg" in messages and "upscaled" in messages
+    assert len(trainer.dataset) == 1
+
+
+def test_user_errors_are_printed_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--rank", "0"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: Invalid training configuration") and "Traceback" not in result.stderr
+    assert "`--rank` must be an integer >= 1" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo config and the 2-process run
+
+
+def test_demo_config_reduced(tmp_path, monkeypatch):
+    """`--config configs/demo.yaml` (the README's main job) at 2 steps: builds `tiny:sd` on first use."""
+    monkeypatch.setenv("FLATLORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "demo"
+    trainer = main(["--config", "configs/demo.yaml", "--output_dir", str(out), "--max_train_steps", "2",
+                    "--checkpointing_steps", "1", "--validation_steps", "1", "--num_validation_images", "1",
+                    "--validation_num_inference_steps", "2"])
+    assert (tmp_path / "cache" / "tiny" / "sd" / "model_index.json").is_file()
+    assert len(trainer.losses) == 2 and trainer.config.model.pretrained_model_name_or_path == "tiny:sd"
+    for name in ("pytorch_lora_weights.safetensors", "config.yaml", "README.md", "validation/step-000001/image_000.png",
+                 "validation/final/image_000.png", "checkpoint-1/trainer_state.json"):
+        assert (out / name).is_file(), name
+    assert any((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_accelerate_launch_on_cpu(tiny_sd_path, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = ["accelerate", "launch", "--config_file", str(REPO / "configs/accelerate/cpu.yaml"),
+           "--main_process_port", str(_free_port()), str(SCRIPT),
+           *argv(tiny_sd_path, out, "--checkpointing_steps", "1", "--train_batch_size", "1", steps=2)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((out / "checkpoint-1" / ckpt.STATE_NAME).read_text())
+    assert state["num_processes"] == 2
+    assert {p.name for p in (out / "checkpoint-1").glob("rng_state_*.pt")} == {"rng_state_0.pt", "rng_state_1.pt"}
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert json.loads((out / "adapter_info.json").read_text())["training"]["num_processes"] == 2
+
+
+def test_trainer_benchmark_mode(tiny_sd_path, tmp_path):
+    from flatlora_diffusion import bench
+
+    result = bench.main(["--mode", "trainer", "--model", str(tiny_sd_path), "--resolution", "32", "--steps", "1",
+                         "--rho", "0.1", "--json", str(tmp_path / "bench.json")])
+    assert result["lora_step_s"] > 0 and result["flat_step_s"] > 0 and result["lora_layers"] == 32
+    assert json.loads((tmp_path / "bench.json").read_text())["ratio"] == result["ratio"]
+
+
+# Seeded losses (torch 2.13 CPU); a change here means the training numerics changed.
+PINNED = {
+    "sd_lora": [1.3627729415893555, 0.92954421043396, 0.9837087988853455],
+    "sd_flat": [1.3577615022659302, 0.9279950261116028, 0.9854998588562012],
+    "sd_v": [0.0020704963244497776, 0.16860651969909668],
+    "sdxl_lora": [1.4359724521636963, 0.9326534271240234],
+    "sdxl_prior": [1.5078022480010986, 1.9134023189544678],
+}
