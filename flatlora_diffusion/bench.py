@@ -2,8 +2,7 @@
 
     python -m flatlora_diffusion.bench --arch sd15 --resolution 256 --json bench.json
 
-Times, interleaved in one process (the order rotates every round), a training step (forward,
-backward, AdamW) of a UNet with random weights and LoRA on ``to_q,to_k,to_v,to_out.0`` under:
+Times, interleaved in one process, a training step (forward, backward, AdamW) of a UNet with random weights and LoRA on ``to_q,to_k,to_v,to_out.0`` under:
 
 * ``lora``: plain peft LoRA;
 * ``flat``: this project's Flat-LoRA (default pooled sampler);
@@ -11,7 +10,9 @@ backward, AdamW) of a UNet with random weights and LoRA on ``to_q,to_k,to_v,to_o
 * ``reference``: the reference code's scheme: full m×n std matrix, Gaussian noise added to the
   weights in place before the step and regenerated and subtracted after it.
 
-Peak resident memory of ``lora`` and ``flat`` is measured each in its own process, and the bf16
+Each step of another variant is paired with an adjacent LoRA step (alternating which comes first);
+``ratio`` is the median of the paired flat/lora ratios. Peak resident memory of the training steps
+of ``lora`` and ``flat`` is measured each in its own process, and the bf16
 check runs Flat-LoRA steps on a bf16 copy of the same UNet and compares every base weight.
 Noise is at full strength (constant schedule) from the first step: the worst case.
 """
@@ -22,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -171,17 +171,27 @@ class StepRunner:
             torch.cuda.synchronize()
 
 
-def time_variants(runner: StepRunner, steps: int, variants: tuple[str, ...]) -> dict[str, list[float]]:
-    """Interleaved timings: one warm-up step each, then ``steps`` rounds in rotating order."""
+def time_variants(runner, steps: int, variants: tuple[str, ...]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Interleaved timings: one warm-up step each, then ``steps`` rounds.
+
+    In each round every variant other than ``lora`` is timed right next to a ``lora`` step of its
+    own, LoRA first in even rounds and last in odd ones, so that drifts of the machine's speed
+    cancel in the paired ratios. Returns the step times and, per variant, its paired ratios.
+    """
     for variant in variants:
         runner.run(variant)
     times: dict[str, list[float]] = {v: [] for v in variants}
+    ratios: dict[str, list[float]] = {v: [] for v in variants if v != "lora"}
     for round_index in range(steps):
-        shift = round_index % len(variants)
-        for variant in variants[shift:] + variants[:shift]:
-            times[variant].append(runner.run(variant))
-            print(f"  round {round_index + 1}/{steps} {variant:>13}: {times[variant][-1]:.3f} s", flush=True)
-    return times
+        for variant in ratios:
+            order = ("lora", variant) if round_index % 2 == 0 else (variant, "lora")
+            step = {name: runner.run(name) for name in order}
+            for name in order:
+                times[name].append(step[name])
+            ratios[variant].append(step[variant] / step["lora"])
+            print(f"  round {round_index + 1}/{steps} {variant:>13}: {step[variant]:.3f} s, "
+                  f"lora {step['lora']:.3f} s, ratio {ratios[variant][-1]:.3f}", flush=True)
+    return times, ratios
 
 
 def peak_memory_mb(variant: str, args: argparse.Namespace) -> float:
@@ -202,18 +212,25 @@ def bf16_base_unchanged(args: argparse.Namespace) -> bool:
     return all(torch.equal(before[n], p) for n, p in runner.unet.named_parameters() if not p.requires_grad)
 
 
-def _paired_ratio(times: dict[str, list[float]], variant: str) -> float:
-    return statistics.median(a / b for a, b in zip(times[variant], times["lora"], strict=True))
-
-
 def _rss_worker(args: argparse.Namespace) -> None:
+    """Print the peak memory of training steps of one variant, model construction excluded.
+
+    The warm-up step allocates the optimiser state; then the peak counter restarts (Linux
+    ``clear_refs`` 5, or ``reset_peak_memory_stats`` on CUDA), so construction does not mask it.
+    """
     runner = StepRunner(args.arch, args.resolution, args.rank, args.rho, device=args.device)
+    runner.run(args._peak_rss)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
     for _ in range(3):
         runner.run(args._peak_rss)
     if args.device == "cuda":
         print(torch.cuda.max_memory_allocated() / 2**20)
     else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+        status = Path("/proc/self/status").read_text().splitlines()
+        print(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024)  # kB
 
 
 def trainer_benchmark(args: argparse.Namespace) -> dict:
@@ -247,13 +264,13 @@ def trainer_benchmark(args: argparse.Namespace) -> dict:
         for _ in range(3):  # CPU kernels warm up over the first steps (oneDNN primitive caches)
             for variant in trainers:
                 runner.run(variant)
-        times = time_variants(runner, args.steps, tuple(trainers))
+        times, ratios = time_variants(runner, args.steps, tuple(trainers))
     result = {
         "mode": "trainer", "model": args.model, "resolution": args.resolution, "batch_size": args.batch_size,
         "rank": args.rank, "rho": args.rho, "mixed_precision": args.mixed_precision, "steps": args.steps,
         "lora_layers": len(trainers["flat"].perturbers["unet"].layers),
         "lora_step_s": statistics.median(times["lora"]), "flat_step_s": statistics.median(times["flat"]),
-        "ratio": _paired_ratio(times, "flat"), "times_s": times,
+        "ratio": statistics.median(ratios["flat"]), "times_s": times,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(),
                     "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"},
@@ -320,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.mode == "trainer":
         result = trainer_benchmark(args)
         if args.json:
-            args.json.write_text(json.dumps(result, indent=2))
+            _write_json(args.json, result)
         return result
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -329,14 +346,15 @@ def main(argv: list[str] | None = None) -> dict:
     runner = StepRunner(args.arch, args.resolution, args.rank, args.rho, device=args.device)
     n_layers = len(runner.reference.layers)
     n_weights = sum(m.get_base_layer().weight.numel() for m in runner.reference.layers)
-    times = time_variants(runner, args.steps, variants)
+    times, ratios = time_variants(runner, args.steps, variants)
     del runner
     result: dict = {
         "arch": args.arch, "resolution": args.resolution, "rank": args.rank, "rho": args.rho, "steps": args.steps,
         "lora_layers": n_layers, "perturbed_weights": n_weights,
         **{f"{v}_step_s": statistics.median(times[v]) for v in variants},
-        "ratio": _paired_ratio(times, "flat") if "flat" in times else None,
-        **{f"{v}_ratio": _paired_ratio(times, v) for v in variants if v not in ("lora", "flat")},
+        "ratio": statistics.median(ratios["flat"]) if "flat" in ratios else None,
+        **{f"{v}_ratio": statistics.median(ratios[v]) for v in ratios if v != "flat"},
+        "paired_ratios": ratios,
         "times_s": times,
     }
     if not args.no_memory:
@@ -352,10 +370,16 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {k: v for k, v in result.items() if k != "times_s"}
     print(json.dumps(summary, indent=2))
     if args.json:
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(args.json)
+        _write_json(args.json, result)
     return result
+
+
+
+def _write_json(path: Path, result: dict) -> None:
+    """Write ``result`` to ``path`` through a temporary file, so a crash never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import statistics
+
+import pytest
 
 from flatlora_diffusion.bench import main
 
@@ -16,4 +19,6 @@ def test_core_benchmark_on_tiny_unet(tmp_path):
         assert key in saved, key
     assert saved["base_bit_identical"] is True
     assert result["lora_layers"] == 32 and len(saved["times_s"]["flat"]) == 2
+    assert len(saved["times_s"]["lora"]) == 2 * 3  # one paired LoRA step per other variant and round
+    assert saved["ratio"] == pytest.approx(statistics.median(saved["paired_ratios"]["flat"]))
     assert saved["ratio"] > 0

@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -343,11 +343,17 @@ class DreamBoothTrainer:
         return optimizer, scheduler
 
     def _setup_flat_lora(self) -> dict[str, FlatLoraPerturber]:
-        """One perturber per trained model, keyed by this process's index (ρ = 0: none)."""
-        if self.config.flat.rho == 0:
+        """One perturber per trained model, keyed by this process's index (ρ = 0: none).
+
+        Each text encoder gets its own noise seed, derived from the UNet's, so that no two models
+        draw the same noise.
+        """
+        flat = self.config.flat
+        if flat.rho == 0:
             return {}
-        return {name: prepare_flat_lora(self.accelerator, model, self.config.flat)
-                for name, model in self.wrapped.items()}
+        return {name: prepare_flat_lora(self.accelerator, model,
+                                        flat if index == 0 else replace(flat, seed=mix_seed(flat.seed, index)))
+                for index, (name, model) in enumerate(self.wrapped.items())}
 
     def _setup_trackers(self) -> None:
         if self.accelerator.is_main_process:
