@@ -156,12 +156,32 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+class _Workspace:
+    """One reusable buffer per (device, dtype) for the transient ``W + ε``.
+
+    Layers run one after another (forward, backward and checkpoint recomputation alike), so one
+    buffer the size of the largest layer serves them all: no allocation per layer and pass, and the
+    buffer stays in cache instead of streaming fresh pages through memory.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def get(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        numel = shape[0] * shape[1]
+        buffer = self._buffers.get((device, dtype))
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[(device, dtype)] = torch.empty(numel, device=device, dtype=dtype)
+        return buffer[:numel].view(shape)
+
+
 class PooledSampler:
     """Noise as shifted windows of one fresh N(0, 1) pool per draw, with a random sign per row."""
 
     def __init__(self, pool_size: int) -> None:
         self.pool_size = pool_size
         self._pools: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._workspace = _Workspace()
 
     def begin_draw(self, seed: int, devices: set[torch.device]) -> None:
         """Fill a fresh pool on each device the perturbed layers live on."""
@@ -181,10 +201,11 @@ class PooledSampler:
         return self._pools[key]
 
     def perturbed_weight(self, weight: torch.Tensor, sigma: torch.Tensor, key: int, dtype: torch.dtype) -> torch.Tensor:
-        """``W + σ ⊙ Z`` as a new tensor of ``dtype``, in one pass; ``W`` is only read."""
+        """``W + σ ⊙ Z`` in ``dtype``, in one pass into the shared workspace; ``W`` is only read."""
         m, n = weight.shape
         noise = self._pool(weight.device, dtype)[key : key + m * n].view(m, n)  # (m, n) view, no copy
-        return torch.addcmul(weight.to(dtype), sigma.to(dtype).unsqueeze(1), noise)
+        out = self._workspace.get(weight.shape, weight.device, dtype)
+        return torch.addcmul(weight.to(dtype), sigma.to(dtype).unsqueeze(1), noise, out=out)
 
     def row_sq_norms(self, key: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
         """``‖Z_i‖²`` of every row of a layer's noise, shape (m,): one pass over its window."""
@@ -195,6 +216,9 @@ class PooledSampler:
 class GaussianSampler:
     """The paper's sampling: i.i.d. N(0, 1) per layer and draw, regenerated from its seed."""
 
+    def __init__(self) -> None:
+        self._workspace = _Workspace()
+
     def begin_draw(self, seed: int, devices: set[torch.device]) -> None:
         """Nothing to prepare: every layer draws from its own seed."""
 
@@ -203,9 +227,10 @@ class GaussianSampler:
         return int(torch.randint(0, 2**62, (1,), generator=gen))
 
     def perturbed_weight(self, weight: torch.Tensor, sigma: torch.Tensor, key: int, dtype: torch.dtype) -> torch.Tensor:
-        """``W + σ ⊙ Z`` as a new tensor of ``dtype``; ``Z`` is regenerated from ``key``."""
-        noise = torch.randn(weight.shape, generator=_generator(key, weight.device), device=weight.device, dtype=dtype)
-        return noise.mul_(sigma.to(dtype).unsqueeze(1)).add_(weight)
+        """``W + σ ⊙ Z`` in ``dtype``, in the shared workspace; ``Z`` is regenerated from ``key``."""
+        out = self._workspace.get(weight.shape, weight.device, dtype)
+        torch.randn(weight.shape, generator=_generator(key, weight.device), out=out)
+        return out.mul_(sigma.to(dtype).unsqueeze(1)).add_(weight)
 
     def row_sq_norms(self, key: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
         """The *expected* ``‖Z_i‖²`` (= n): regenerating the noise to log it would cost a third draw."""
@@ -218,11 +243,16 @@ SAMPLERS = {"pooled": PooledSampler, "gaussian": GaussianSampler}
 
 @dataclass
 class _LayerNoise:
-    """The current draw of one layer: signed row scales σ_i, the sampler's key, ‖W'_i‖²."""
+    """The current draw of one layer: the sampler's key, a random sign per row, and the row scales.
 
-    sigma: torch.Tensor  # (m,) fp32, a random ±1 per row folded in
+    ``sigma`` (signs folded in) and ``merged_row_sq`` are filled on the layer's first forward of
+    the draw, when W is being read anyway, and then reused by backward and later micro-batches.
+    """
+
     key: int
-    merged_row_sq: torch.Tensor  # (m,) fp32, for logging ‖ε‖/‖W'‖
+    signs: torch.Tensor  # (m,) ±1, fp32
+    sigma: torch.Tensor | None = None  # (m,) fp32
+    merged_row_sq: torch.Tensor | None = None  # (m,) fp32, ‖W'_i‖², for logging ‖ε‖/‖W'‖
 
 
 class _NoisyLinear(torch.autograd.Function):
@@ -316,6 +346,8 @@ class FlatLoraPerturber:
             noise = self._noise[index]
             if noise is None or not base.training:
                 return F.linear(x, base.weight, base.bias)
+            if noise.sigma is None:
+                self._resolve_sigma(index)
             return _NoisyLinear.apply(x, base.weight, base.bias, self.sampler, noise)
 
         return forward
@@ -337,14 +369,21 @@ class FlatLoraPerturber:
             return
         rank = self.rank if cfg.noise_per_rank else 0
         self.sampler.begin_draw(mix_seed(cfg.seed, draw, rank, -1), {b.weight.device for _, _, b in self.layers})
-        with torch.no_grad():
-            for index, (_, lora, base) in enumerate(self.layers):
-                gen = _generator(mix_seed(cfg.seed, draw, rank, index), torch.device("cpu"))
-                row_norm_sq = self._merged_row_norm_sq(lora, base.weight, self._weight_sq[index])
-                sigma = self.factor * row_norm_sq.sqrt() / math.sqrt(base.in_features)
-                signs = torch.randint(0, 2, (base.out_features,), generator=gen).float().mul_(2).sub_(1)
-                key = self.sampler.layer_key(gen, base.weight.numel())
-                self._noise[index] = _LayerNoise(sigma * signs.to(sigma.device), key, row_norm_sq)
+        for index, (_, _, base) in enumerate(self.layers):
+            gen = _generator(mix_seed(cfg.seed, draw, rank, index), torch.device("cpu"))
+            signs = torch.randint(0, 2, (base.out_features,), generator=gen).float().mul_(2).sub_(1)
+            key = self.sampler.layer_key(gen, base.weight.numel())
+            self._noise[index] = _LayerNoise(key, signs.to(base.weight.device))
+
+    def _resolve_sigma(self, index: int) -> None:
+        """σ_i of layer ``index`` from the current LoRA weights (those of the draw's first forward)."""
+        _, lora, base = self.layers[index]
+        noise = self._noise[index]
+        device_type = base.weight.device.type
+        with torch.no_grad(), torch.autocast(device_type, enabled=False):
+            row_norm_sq = self._merged_row_norm_sq(lora, base.weight, self._weight_sq[index])
+            noise.merged_row_sq = row_norm_sq
+            noise.sigma = (self.factor / math.sqrt(base.in_features)) * row_norm_sq.sqrt() * noise.signs
 
     @staticmethod
     def _merged_row_norm_sq(lora: LoraLayer, weight: torch.Tensor, weight_sq: torch.Tensor) -> torch.Tensor:
@@ -368,9 +407,11 @@ class FlatLoraPerturber:
         if self._relative_perturbation is None:
             ratios = []
             with torch.no_grad():
-                for (_, _, base), noise in zip(self.layers, self._noise, strict=True):
+                for index, ((_, _, base), noise) in enumerate(zip(self.layers, self._noise, strict=True)):
                     if noise is None:
                         continue
+                    if noise.sigma is None:  # a layer the forward has not reached yet
+                        self._resolve_sigma(index)
                     z_sq = self.sampler.row_sq_norms(noise.key, base.weight.shape, noise.sigma.device)
                     noise_sq = (noise.sigma.square() * z_sq).sum()
                     ratios.append((noise_sq / noise.merged_row_sq.sum().clamp_min(1e-30)).sqrt().item())

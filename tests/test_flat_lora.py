@@ -333,8 +333,9 @@ def test_state_is_o_of_rows():
     model = lora_model(n=512, m=64)
     perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, schedule="constant"))
     perturber.set_step(1)
+    model(torch.randn(2, 512))  # σ is computed on each layer's first forward of the draw
     for noise, cached in zip(perturber._noise, perturber._weight_sq, strict=True):
-        assert noise.sigma.shape == (64,) and cached.shape == (64,)
+        assert noise.sigma.shape == noise.signs.shape == noise.merged_row_sq.shape == cached.shape == (64,)
     assert perturber.sampler.pool_size == 2 * 64 * 512
 
 
