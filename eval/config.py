@@ -17,6 +17,7 @@ import torch
 
 from eval.dreambench import DEFAULT_IDENTIFIER
 from eval.errors import EvalError
+from flatlora_diffusion.typed_config import type_ok as _type_ok
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -31,23 +32,6 @@ class ConfigError(EvalError):
 
 def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
-
-
-def _type_ok(value, hint) -> bool:
-    """Whether `value` fits a simple annotation: str/int/float/bool, `X | None`, `list[X]`."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
 
 
 @dataclass

@@ -20,12 +20,14 @@ import os
 import random
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
 import yaml
 
 from flatlora_diffusion.flat_lora import SAMPLERS, SCHEDULES, FlatLoraConfig
+from flatlora_diffusion.typed_config import help_field as _f
+from flatlora_diffusion.typed_config import type_ok as _type_ok
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
@@ -42,31 +44,8 @@ class ConfigError(ValueError):
         super().__init__("Invalid training configuration:\n  - " + "\n  - ".join(self.errors))
 
 
-def _f(default, help: str, **extra):
-    """A dataclass field carrying its flag help (and optional `choices`)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
-    return field(default=default, metadata={"help": help, **extra})
-
-
 # ---------------------------------------------------------------------------------------------
 # Type checks from the annotations (str, int, float, bool, `X | None`, `list[str]`)
-
-
-def _type_ok(value, hint) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
 
 
 def _strip_none(hint):

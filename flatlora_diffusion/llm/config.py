@@ -17,12 +17,14 @@ import difflib
 import math
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import yaml
 
 from flatlora_diffusion.flat_lora import FlatLoraConfig
+from flatlora_diffusion.typed_config import help_field as _f
+from flatlora_diffusion.typed_config import type_ok as _type_ok
 
 DTYPES = ("float32", "bfloat16", "float16")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
@@ -43,31 +45,8 @@ class ConfigError(LLMError):
         super().__init__("Invalid LLM training configuration:\n  - " + "\n  - ".join(self.errors))
 
 
-def _f(default, help: str, **extra):
-    """A dataclass field carrying its help text (and optional `choices`)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
-    return field(default=default, metadata={"help": help, **extra})
-
-
 # ---------------------------------------------------------------------------------------------
 # Type checks from the annotations: str, int, float, bool, `X | None`, `list[str]`, `str | list[str]`
-
-
-def _type_ok(value, hint) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
