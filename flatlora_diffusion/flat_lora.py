@@ -10,8 +10,8 @@ This estimates the expected loss ``E_ε L(W + s·B·A + ε)`` of Li et al., "Fla
 
 How this implementation differs from the paper's reference code:
 
-* **Exact.** ``W`` is never written. The perturbed weight is a transient tensor built inside the
-  layer's forward, and rebuilt bit-for-bit in backward (and in gradient-checkpoint recomputation)
+* **Exact.** ``W`` is never written. The perturbed weight is built into a reused workspace inside
+  the layer's forward, and rebuilt bit-for-bit in backward (and in gradient-checkpoint recomputation)
   from the same noise, so the frozen base stays bit-identical in fp32, fp16 and bf16.
 * **Reproducible.** All noise comes from dedicated generators seeded from
   (seed, draw, layer index, rank); the global RNG is never touched.
@@ -19,7 +19,8 @@ How this implementation differs from the paper's reference code:
   (:meth:`FlatLoraPerturber.set_step`); every micro-batch of that step shares one noise sample.
 * **Cheap.** Only O(out_features) state per layer (the cached ``‖W_i‖²`` and ``σ_i``). Merged row
   norms are computed without materialising ``B·A``:
-  ``‖W_i + sB_iA‖² = ‖W_i‖² + 2s·(W Aᵀ)_i·B_i + s²·B_i (A Aᵀ) B_iᵀ``.
+  ``‖W_i + sB_iA‖² = ‖W_i‖² + 2s·(W Aᵀ)_i·B_i + s²·B_i (A Aᵀ) B_iᵀ``, on the layer's first
+  forward of a draw, right before ``W`` is read anyway.
 
 Noise samplers (``FlatLoraConfig.sampler``):
 
