@@ -17,7 +17,7 @@ import torch
 
 from eval.dreambench import DEFAULT_IDENTIFIER
 from eval.errors import EvalError
-from flatlora_diffusion.typed_config import type_ok as _type_ok
+from flatlora_diffusion.typed_config import type_errors
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -39,12 +39,7 @@ class _Config:
     """Base: type checks from the annotations, then the subclass's `_check`, all errors at once."""
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        errors = [
-            f"`{f.name}` must be of type {_type_name(hints[f.name])}, got {getattr(self, f.name)!r}."
-            for f in fields(self)
-            if not _type_ok(getattr(self, f.name), hints[f.name])
-        ]
+        errors = type_errors(self, lambda name: name, lambda hint: "of type " + _type_name(hint))
         if not errors:  # value checks assume the types are right
             errors = self._check()
         if errors:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import types
 import typing
-from dataclasses import field
+from collections.abc import Callable
+from dataclasses import field, fields
 
 
 def help_field(default, help: str, **extra):
@@ -29,3 +30,17 @@ def type_ok(value, hint) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)
+
+
+def type_errors(obj, label: Callable[[str], str], type_name: Callable[[object], str]) -> list[str]:
+    """One message per field of dataclass ``obj`` whose value does not fit its annotation.
+
+    ``label`` turns a field name into what the user typed (e.g. ``--rank``), ``type_name`` an
+    annotation into words (e.g. ``an integer``).
+    """
+    hints = typing.get_type_hints(type(obj))
+    return [
+        f"`{label(f.name)}` must be {type_name(hints[f.name])}, got {getattr(obj, f.name)!r}."
+        for f in fields(obj)
+        if not type_ok(getattr(obj, f.name), hints[f.name])
+    ]

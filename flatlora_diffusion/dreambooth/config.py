@@ -27,6 +27,7 @@ import yaml
 
 from flatlora_diffusion.flat_lora import SAMPLERS, SCHEDULES, FlatLoraConfig
 from flatlora_diffusion.typed_config import help_field as _f
+from flatlora_diffusion.typed_config import type_errors
 from flatlora_diffusion.typed_config import type_ok as _type_ok
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -79,12 +80,7 @@ class _Section:
     """Base of the sections: type checks from the annotations, then the section's `_check`."""
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        errors = [
-            f"`--{f.name}` must be {_type_name(hints[f.name])}, got {getattr(self, f.name)!r}."
-            for f in fields(self)
-            if not _type_ok(getattr(self, f.name), hints[f.name])
-        ]
+        errors = type_errors(self, lambda name: f"--{name}", _type_name)
         if not errors:  # value checks assume the types are right
             errors = self._check()
         if errors:
