@@ -1,6 +1,6 @@
 """Sample from trained LoRA / Flat-LoRA adapters side by side, in the browser.
 
-    python app.py                                   # tiny:sd + outputs/demo (after the README's main job)
+    python app.py                                   # toy:sd + outputs/demo (after the README's main job)
     python app.py --base stabilityai/stable-diffusion-xl-base-1.0 --adapters runs/ --port 7861
     python app.py --help                            # every flag
 

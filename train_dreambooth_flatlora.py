@@ -15,8 +15,11 @@ from flatlora_diffusion.dreambooth.trainer import USER_ERRORS, run
 
 
 def main(argv: list[str] | None = None):
-    """Parse the flags, then setup → train → save; returns the trainer."""
-    return run(load_config(argv))
+    """Parse the flags, then setup → train → save; print what was written; returns the trainer."""
+    trainer = run(load_config(argv))
+    if trainer.accelerator.is_main_process:
+        print(trainer.summary())
+    return trainer
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.files import atomic_open, write_text
+from flatlora_diffusion.files import atomic_open, write_text
 
 
 def default_cache_dir() -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from eval.config import DreamBenchConfig, FidelityConfig, GSM8KConfig, HumanEvalConfig, ScoringConfig
 from eval.errors import EvalError
-from eval.files import write_text
+from flatlora_diffusion.files import write_text
 
 
 def _fidelity(args: argparse.Namespace) -> int:

@@ -214,12 +214,12 @@ class DreamBenchConfig(ScoringConfig):
     """`python -m eval dreambench`: generate the protocol's images from trained adapters, score, compare."""
 
     base: str | None = field(default=None, metadata=_help("Base diffusers pipeline the adapters were trained on: "
-                                                          "hub id or folder."))
+                                                          "hub id, folder or `toy:sd`."))
     adapters: list[str] | None = field(
         default=None,
         metadata=_help("One RUN_DIR per run to compare, optionally named `NAME=RUN_DIR`. A run dir holds one trainer "
                        "output per subject (`RUN_DIR/<subject>/pytorch_lora_weights.safetensors`), or is itself one "
-                       "adapter folder used for every subject."),
+                       "adapter folder used for every subject; `NAME=none` is the base model without an adapter."),
     )
     dataset: str | None = field(default=None, metadata=_help("DreamBench folder (`prompts_and_classes.txt`, `images/`)."))
     subjects: list[str] | None = field(default=None, metadata=_help("Subjects to evaluate (default: all 30)."))

@@ -48,6 +48,16 @@ def _load_config(model_id: str, flag: str, what: str):
         ) from err
 
 
+def _resolve(model_id: str, flag: str) -> str:
+    """`toy:`/`tiny:` ids -> their local folder (`flatlora_diffusion.model_ids`); other ids unchanged."""
+    from flatlora_diffusion.model_ids import ModelIdError, resolve_model_id
+
+    try:
+        return resolve_model_id(model_id, flag)
+    except ModelIdError as err:
+        raise EvalError(str(err)) from err
+
+
 def _check_type(config, allowed: tuple[str, ...], model_id: str, flag: str, example: str) -> None:
     if config.model_type not in allowed:
         raise EvalError(
@@ -136,9 +146,10 @@ def load_dino(model_id: str, device: torch.device, dtype: torch.dtype, *, finger
     """A DINO ViT from a hub id or folder, with the DINO evaluation crop for its input size."""
     from transformers import AutoModel, ViTModel
 
-    config = _load_config(model_id, "--dino_model", "DINO")
+    source = _resolve(model_id, "--dino_model")
+    config = _load_config(source, "--dino_model", "DINO")
     _check_type(config, DINO_TYPES, model_id, "--dino_model", "facebook/dino-vits16")
-    path = str(Path(model_id).expanduser()) if Path(model_id).expanduser().is_dir() else model_id
+    path = str(Path(source).expanduser()) if Path(source).expanduser().is_dir() else source
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ff]ast image processor.*")
         if config.model_type == "vit":
@@ -153,9 +164,10 @@ def load_clip(model_id: str, device: torch.device, dtype: torch.dtype, *, finger
     """A CLIP model and its tokenizer from a hub id or folder, with OpenAI's preprocessing."""
     from transformers import AutoTokenizer, CLIPModel
 
-    config = _load_config(model_id, "--clip_model", "CLIP")
+    source = _resolve(model_id, "--clip_model")
+    config = _load_config(source, "--clip_model", "CLIP")
     _check_type(config, CLIP_TYPES, model_id, "--clip_model", "openai/clip-vit-base-patch32")
-    path = str(Path(model_id).expanduser()) if Path(model_id).expanduser().is_dir() else model_id
+    path = str(Path(source).expanduser()) if Path(source).expanduser().is_dir() else source
     model = CLIPModel.from_pretrained(path)
     digest = _prepare(model, device, dtype, fingerprint)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -38,18 +38,23 @@ PRES_SEED_OFFSET = 1_000_000  # class-prompt images never share seeds with the s
 
 @dataclass(frozen=True)
 class Run:
-    """One compared run: a name and the adapter folder of each subject."""
+    """One compared run: a name and the adapter folder of each subject (None: the base model alone)."""
 
     name: str
-    path: Path
-    adapters: dict[str, Path]
+    path: Path | None
+    adapters: dict[str, Path | None]
 
 
-def parse_run(spec: str) -> tuple[str, Path]:
-    """``NAME=DIR`` or ``DIR`` (named after the folder)."""
+BASE_RUN = "none"  # `--adapters base=none`: the base model without an adapter, as a run of its own
+
+
+def parse_run(spec: str) -> tuple[str, Path | None]:
+    """``NAME=DIR``, ``DIR`` (named after the folder) or ``NAME=none`` (the base model alone)."""
     name, sep, path = spec.partition("=")
     if not sep:
         name, path = Path(spec).resolve().name, spec
+    if path.strip() == BASE_RUN:
+        return name.strip(), None
     return name.strip(), Path(path).expanduser()
 
 
@@ -58,6 +63,9 @@ def resolve_runs(specs: list[str], subjects: list[str]) -> list[Run]:
     runs, errors = [], []
     for spec in specs:
         name, path = parse_run(spec)
+        if path is None:
+            runs.append(Run(name, None, dict.fromkeys(subjects)))
+            continue
         if not path.is_dir():
             errors.append(f"`--adapters` run `{name}`: folder `{path}` does not exist.")
             continue
@@ -111,7 +119,8 @@ def plan(runs: list[Run], subjects: list[Subject], config: DreamBenchConfig) -> 
     for run in runs:
         for subject in subjects:
             folder = Path(config.out) / "images" / run.name / subject.name
-            extra = {"base_model": config.base, "adapter": str(run.adapters[subject.name].resolve()),
+            adapter = run.adapters[subject.name]
+            extra = {"base_model": config.base, "adapter": str(adapter.resolve()) if adapter else BASE_RUN,
                      "run": run.name, "subject": subject.name}
             prompts = subject.prompts(config.identifier)[: config.max_prompts]
             for p, prompt in enumerate(prompts):
@@ -183,7 +192,10 @@ def generate_missing(tasks: list[ImageTask], todo: dict[int, list[int]], config:
     with tqdm(total=total, desc="generating", unit="img", disable=None) as bar:
         for t in sorted(todo):
             task = tasks[t]
-            if loaded is None or loaded[1] != task.adapter:
+            if task.adapter is None and loaded is not None:
+                pipe.delete_adapters(loaded[0])
+                loaded = None
+            elif task.adapter is not None and (loaded is None or loaded[1] != task.adapter):
                 if loaded is not None:
                     pipe.delete_adapters(loaded[0])
                 name = adapter_name_for(f"{task.run}_{task.subject}")
@@ -197,7 +209,8 @@ def generate_missing(tasks: list[ImageTask], todo: dict[int, list[int]], config:
             task.paths[0].parent.mkdir(parents=True, exist_ok=True)
             for a, b in _blocks(todo[t]):
                 request = replace(task.settings, seed=task.settings.seed + a, num_images=b - a)
-                images = sampling.generate(pipe, request, adapters={loaded[0]: 1.0}, batch_size=config.gen_batch_size)
+                active = {loaded[0]: 1.0} if loaded is not None else None
+                images = sampling.generate(pipe, request, adapters=active, batch_size=config.gen_batch_size)
                 for k, image in enumerate(images):
                     i = a + k
                     info = task.settings.for_image(i).to_png_info(task.extra)

@@ -21,8 +21,8 @@ from eval.config import GSM8KConfig
 from eval.data import load_rows
 from eval.environment import environment
 from eval.errors import EvalError
-from eval.files import write_text
 from eval.llm import greedy_generate, load_causal_lm
+from flatlora_diffusion.files import write_text
 
 _NUMBER = r"(?P<num>[-−]?\$?\s*[-−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-−]?\.\d+)"
 _STRICT = (

@@ -23,9 +23,9 @@ from eval.config import HumanEvalConfig
 from eval.data import load_rows
 from eval.environment import environment
 from eval.errors import EvalError
-from eval.files import write_text
 from eval.llm import greedy_generate, load_causal_lm, truncate_at
 from eval.sandbox import Execution, Limits, run_python
+from flatlora_diffusion.files import write_text
 
 FIELDS = ("task_id", "prompt", "test", "entry_point")
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # Chen et al. 2021

@@ -28,6 +28,9 @@ def _adapter_facts(runs: list[Run]) -> dict:
     for run in runs:
         facts[run.name] = {}
         for subject, path in run.adapters.items():
+            if path is None:
+                facts[run.name][subject] = {"path": None, "base_model_only": True}
+                continue
             try:
                 info = read_adapter_info(path)
             except AdapterError as err:

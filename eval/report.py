@@ -22,8 +22,8 @@ from eval import charts
 from eval.environment import environment
 from eval.errors import EvalError
 from eval.fidelity import ReferenceScore, SubjectScore
-from eval.files import save_image, write_text
 from eval.metrics import mean_and_sem
+from flatlora_diffusion.files import save_image, write_text
 
 METRICS = ("dino", "clip_i", "clip_t", "pres", "div")
 LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "pres": "PRES", "div": "DIV"}

@@ -6,8 +6,8 @@ first time they are used and switched with the diffusers/peft adapter API afterw
 is never reloaded. Every image goes through :func:`flatlora_diffusion.sampling.generate`, like the
 trainer's validation and `eval/`, and is written as a PNG with its settings as text chunks::
 
-    studio = Studio.open("tiny:sd", ["outputs/demo"])
-    settings = studio.settings(prompt="a photo of sks dog", seed=0, steps=20)
+    studio = Studio.open("toy:sd", ["outputs/demo"])
+    settings = studio.settings(prompt="a sks ball on the beach", seed=0, steps=25)
     result = studio.compare(settings, {"demo": 1.0})       # columns: base, demo
     result.gallery()                                        # [(png path, caption), ...] row by row
 
@@ -139,10 +139,8 @@ class Studio:
     def open(cls, base: str, adapter_roots: Sequence[str | os.PathLike] = (), *, device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32, limits: Limits = Limits(),
              out_dir: str | os.PathLike | None = None) -> Studio:
-        """Load ``base`` (a folder, a Hub id, or ``tiny:sd``/``tiny:sdxl``, built if missing) once."""
-        from flatlora_diffusion.dreambooth.models import resolve_model_path
-
-        pipe = load_pipeline(resolve_model_path(str(base)), device=device, dtype=dtype)
+        """Load ``base`` (a folder, a Hub id, ``toy:sd``, or ``tiny:sd``/``tiny:sdxl``, built if missing) once."""
+        pipe = load_pipeline(str(base), device=device, dtype=dtype)
         return cls(pipe, base_model=base, adapter_roots=adapter_roots, limits=limits, out_dir=out_dir)
 
     # ----------------------------------------------------------------------------------------

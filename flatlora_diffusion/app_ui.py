@@ -22,9 +22,9 @@ from flatlora_diffusion.sampling import SCHEDULERS
 
 logger = logging.getLogger(__name__)
 
-# The embedded default: the tiny model and the adapter folder of `configs/demo.yaml` (a test
+# The embedded default: the pretrained toy model and the adapter folder of `configs/demo.yaml` (a test
 # checks they match), so `python app.py` after the README's main job shows its adapter offline.
-DEFAULT_BASE = "tiny:sd"
+DEFAULT_BASE = "toy:sd"
 DEFAULT_ADAPTERS = ("outputs/demo",)
 QUEUE_SIZE = 16  # requests waiting beyond this are refused ("queue full") instead of piling up
 
@@ -34,7 +34,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python app.py", description="Sample from trained LoRA / Flat-LoRA adapters side by side.")
     parser.add_argument("--base", default=DEFAULT_BASE,
-                        help="Base model: a diffusers folder, a Hub id, or tiny:sd / tiny:sdxl (default: %(default)s).")
+                        help="Base model: a diffusers folder, a Hub id, toy:sd (trained toy world) or tiny:sd / tiny:sdxl (random) (default: %(default)s).")
     parser.add_argument("--adapters", nargs="+", default=list(DEFAULT_ADAPTERS), metavar="DIR",
                         help="Folders searched for trainer outputs (`pytorch_lora_weights.safetensors`); "
                              "default: %(default)s.")

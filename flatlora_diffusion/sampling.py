@@ -61,7 +61,7 @@ def load_pipeline(
     components: Mapping[str, Any] | None = None,
     progress: bool = False,
 ):
-    """Load a diffusers pipeline (SD 1.x/2.x, SDXL, ...) from a folder or a Hub id.
+    """Load a diffusers pipeline (SD 1.x/2.x, SDXL, ...) from a folder, a Hub id or a `tiny:`/`toy:` id.
 
     ``vae`` replaces the pipeline's VAE (a folder/Hub id of an ``AutoencoderKL`` or a loaded
     module, e.g. an fp16-safe SDXL VAE); ``components`` passes already-loaded modules (``unet``,
@@ -69,6 +69,12 @@ def load_pipeline(
     """
     from diffusers import AutoencoderKL, DiffusionPipeline
 
+    from flatlora_diffusion.model_ids import ModelIdError, resolve_model_id
+
+    try:
+        base = resolve_model_id(str(base), "base model")
+    except ModelIdError as err:
+        raise PipelineLoadError(str(err)) from err
     path = Path(base).expanduser()
     if path.exists():
         if path.is_file():

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_defaults_are_the_demo_run_and_localhost():
     args = app_ui.parse_args([])
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    assert args.base == demo["pretrained_model_name_or_path"] == "tiny:sd"
+    assert args.base == demo["pretrained_model_name_or_path"] == "toy:sd"
     assert args.adapters == [demo["output_dir"]] == ["outputs/demo"]
     assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
 

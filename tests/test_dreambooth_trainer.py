@@ -72,8 +72,8 @@ def flat_run(tiny_sd_path, tmp_path_factory):
     """Tiny SD, Flat-LoRA at full strength from step 0 (constant schedule), 3 steps, kohya output."""
     out = tmp_path_factory.mktemp("flat")
     trainer = main(argv(tiny_sd_path, out, "--flat_schedule", "constant", "--output_kohya_format",
-                        "--validation_prompt", PROMPT, "--num_validation_images", "1",
-                        "--validation_num_inference_steps", "2", steps=3))
+                        "--validation_prompt", PROMPT, "--validation_extra_prompts", "a sks dog on the beach",
+                        "--num_validation_images", "1", "--validation_num_inference_steps", "2", steps=3))
     return trainer, out
 
 
@@ -97,8 +97,14 @@ def test_flat_lora_run(flat_run, tiny_sd_path):
     assert all(torch.equal(base[k], trained[k]) for k in base)
     # Outputs: adapter (+ metadata), kohya file, model card, resolved config, validation images.
     for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors", "README.md",
-                 "adapter_info.json", "config.yaml", "validation/final/image_000.png"):
+                 "adapter_info.json", "config.yaml", "validation/final/image_000.png",
+                 "validation/final/prompt01_000.png"):
         assert (out / name).is_file(), name
+    from PIL import Image as PILImage
+
+    prompts = [json.loads(PILImage.open(out / "validation/final" / f).text["flatlora"])["settings"]["prompt"]
+               for f in ("image_000.png", "prompt01_000.png")]
+    assert prompts == [PROMPT, "a sks dog on the beach"]
     info = json.loads((out / "adapter_info.json").read_text())
     assert info["flat_lora"]["rho"] == 0.1 and info["flat_lora"]["schedule"] == "constant"
     assert info["components"]["unet"]["rank"] == 4 and info["training"]["steps"] == 3
@@ -335,17 +341,16 @@ def test_user_errors_are_printed_without_traceback(tmp_path):
 
 
 def test_demo_config_reduced(tmp_path, monkeypatch):
-    """`--config configs/demo.yaml` (the README's main job) at 2 steps: builds `tiny:sd` on first use."""
-    monkeypatch.setenv("FLATLORA_CACHE", str(tmp_path / "cache"))
+    """`--config configs/demo.yaml` (the README's main job) at 2 steps, on the shipped `toy:sd`."""
     monkeypatch.chdir(REPO)
     out = tmp_path / "demo"
     trainer = main(["--config", "configs/demo.yaml", "--output_dir", str(out), "--max_train_steps", "2",
                     "--checkpointing_steps", "1", "--validation_steps", "1", "--num_validation_images", "1",
                     "--validation_num_inference_steps", "2"])
-    assert (tmp_path / "cache" / "tiny" / "sd" / "model_index.json").is_file()
-    assert len(trainer.losses) == 2 and trainer.config.model.pretrained_model_name_or_path == "tiny:sd"
+    assert len(trainer.losses) == 2 and trainer.config.model.pretrained_model_name_or_path == "toy:sd"
     for name in ("pytorch_lora_weights.safetensors", "config.yaml", "README.md", "validation/step-000001/image_000.png",
-                 "validation/final/image_000.png", "checkpoint-1/trainer_state.json"):
+                 "validation/final/image_000.png", "validation/final/prompt03_000.png",
+                 "checkpoint-1/trainer_state.json"):
         assert (out / name).is_file(), name
     assert any((out / "logs").rglob("events.out.tfevents.*"))
 

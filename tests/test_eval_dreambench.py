@@ -116,6 +116,8 @@ def test_runs_are_resolved_before_anything_loads(runs, tmp_path) -> None:
     resolved = resolve_runs([f"lora={runs['lora']}", str(runs["flat"] / "dog")], ["dog", "can"])
     assert resolved[0].adapters == {"dog": runs["lora"] / "dog", "can": runs["lora"] / "can"}
     assert resolved[1].name == "dog" and set(resolved[1].adapters.values()) == {runs["flat"] / "dog"}  # shared
+    base = resolve_runs(["base=none"], ["dog", "can"])[0]  # the base model alone, as a run
+    assert base.name == "base" and base.path is None and base.adapters == {"dog": None, "can": None}
     with pytest.raises(EvalError) as info:
         resolve_runs([f"a={runs['lora']}", f"a={runs['flat']}", str(tmp_path / "nope")], ["dog", "vase"])
     text = str(info.value)

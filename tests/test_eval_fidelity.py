@@ -15,9 +15,9 @@ from eval.config import ConfigError, FidelityConfig, ScoringConfig
 from eval.embedders import ImageEmbedder, load_clip
 from eval.errors import EvalError
 from eval.fidelity import FidelityScorer
-from eval.files import atomic_open
 from eval.folders import prepare_folders, score_job
 from eval.preprocess import clip_preprocess
+from flatlora_diffusion.files import atomic_open
 
 
 @pytest.fixture(scope="module")

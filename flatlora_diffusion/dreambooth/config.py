@@ -346,6 +346,9 @@ class ValidationConfig(_Section):
     """Sample images during and after training."""
 
     validation_prompt: str | None = _f(None, "Prompt of the validation images (none: no validation).")
+    validation_extra_prompts: list[str] = _f(
+        [], "More validation prompts, each sampled like `--validation_prompt` (YAML list; comma-separated on the "
+        "command line); their images are `prompt01_000.png`, ...")
     num_validation_images: int = _f(4, "Images per validation.")
     validation_steps: int | None = _f(None, "Validate every N optimiser steps.")
     validation_epochs: int | None = _f(None, "Validate every N epochs.")
@@ -361,7 +364,14 @@ class ValidationConfig(_Section):
         for name in ("num_validation_images", "validation_steps", "validation_epochs", "validation_num_inference_steps"):
             errors += _at_least(self, name, 1)
         errors += _at_least(self, "validation_guidance_scale", 0)
+        if self.validation_extra_prompts and not self.validation_prompt:
+            errors.append("`--validation_extra_prompts` needs `--validation_prompt` (the first prompt).")
         return errors
+
+    @property
+    def prompts(self) -> list[str]:
+        """Every validation prompt, `validation_prompt` first."""
+        return [self.validation_prompt, *self.validation_extra_prompts] if self.validation_prompt else []
 
 
 @dataclass

@@ -25,9 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# `tiny:NAME` model ids: (tiny.py kind, prediction type). Built once into the cache and then
-# loaded like any other local pipeline folder.
-TINY_MODELS = {"tiny:sd": ("sd", "epsilon"), "tiny:sd-v": ("sd", "v_prediction"), "tiny:sdxl": ("sdxl", "epsilon")}
+from flatlora_diffusion.model_ids import ModelIdError, resolve_model_id
 
 
 class ModelError(ValueError):
@@ -84,27 +82,12 @@ FAMILIES = {
 # Finding and loading the pipeline
 
 
-def tiny_model_dir(name: str) -> Path:
-    """Where `tiny:NAME` lives: ``$FLATLORA_CACHE`` or ``$XDG_CACHE_HOME/flatlora_diffusion`` (``~/.cache``)."""
-    root = os.environ.get("FLATLORA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flatlora_diffusion"
-    return Path(root) / "tiny" / name.split(":", 1)[1]
-
-
 def resolve_model_path(name: str) -> str:
-    """`tiny:sd`, `tiny:sd-v`, `tiny:sdxl` -> a tiny random pipeline folder, built on first use with
-    `flatlora_diffusion.tiny` (seed 0); any other hub id or folder is returned unchanged."""
-    if name not in TINY_MODELS:
-        if name.startswith("tiny:"):
-            raise ModelError(f"`--pretrained_model_name_or_path` {name!r} is not a tiny model; "
-                             f"use one of {', '.join(TINY_MODELS)}.")
-        return name
-    path = tiny_model_dir(name)
-    if not (path / "model_index.json").is_file():
-        from flatlora_diffusion.tiny import build_tiny
-
-        kind, prediction_type = TINY_MODELS[name]
-        build_tiny(kind, path, seed=0, prediction_type=prediction_type, overwrite=True)
-    return str(path)
+    """`tiny:`/`toy:` ids -> their local pipeline folder (`flatlora_diffusion.model_ids`); others unchanged."""
+    try:
+        return resolve_model_id(name, "--pretrained_model_name_or_path")
+    except ModelIdError as err:
+        raise ModelError(str(err)) from err
 
 
 def read_model_index(path: str, revision: str | None = None, cache_dir: str | None = None) -> dict:

@@ -628,15 +628,21 @@ class DreamBoothTrainer:
     # ------------------------------------------------------------------------------------------
     # validation and saving
 
-    def _sample_settings(self):
+    def _sample_settings(self) -> list:
+        """One `SampleSettings` per validation prompt (`--validation_prompt` first)."""
         from flatlora_diffusion.sampling import SampleSettings
 
         v, res = self.config.validation, self.config.data.resolution
         size = res if res >= 64 else None  # the sampler's minimum side; tiny models then use their native 64
-        return SampleSettings(prompt=v.validation_prompt, negative_prompt=v.validation_negative_prompt,
-                              num_images=v.num_validation_images, seed=self.seed,
-                              steps=v.validation_num_inference_steps, guidance_scale=v.validation_guidance_scale,
-                              width=size, height=size)
+        return [SampleSettings(prompt=prompt, negative_prompt=v.validation_negative_prompt,
+                               num_images=v.num_validation_images, seed=self.seed,
+                               steps=v.validation_num_inference_steps, guidance_scale=v.validation_guidance_scale,
+                               width=size, height=size) for prompt in v.prompts]
+
+    @staticmethod
+    def _stem(index: int) -> str:
+        """File stem of the images of validation prompt `index`: `image` for the first, then `prompt01`, ..."""
+        return "image" if index == 0 else f"prompt{index:02d}"
 
     def validate(self, tag: str) -> list[Path]:
         """Sample the validation prompt with the in-memory adapter (main process; others wait)."""
@@ -653,12 +659,13 @@ class DreamBoothTrainer:
                     text_encoders=dict(zip(c.family.text_encoders, c.text_encoders, strict=True)),
                     revision=self.config.model.revision, variant=self.config.model.variant,
                 )
-            settings = self._sample_settings()
-            start = time.perf_counter()
-            with torch.random.fork_rng(devices=[]), self.accelerator.autocast():
-                images = generate_validation(self._validation_pipe, settings, adapter_name=ADAPTER)
-            paths = save_images(images, self.output_dir / "validation" / tag, "image", settings,
-                                extra={"step": self.global_step, "base_model": c.path})
+            start, images = time.perf_counter(), []
+            for index, settings in enumerate(self._sample_settings()):
+                with torch.random.fork_rng(devices=[]), self.accelerator.autocast():
+                    batch = generate_validation(self._validation_pipe, settings, adapter_name=ADAPTER)
+                paths += save_images(batch, self.output_dir / "validation" / tag, self._stem(index), settings,
+                                     extra={"step": self.global_step, "base_model": c.path})
+                images += batch
             self._log_images(images, tag)
             logger.info("Validation `%s`: %d images in %.1f s.", tag, len(images), time.perf_counter() - start)
         self.accelerator.wait_for_everyone()
@@ -674,8 +681,10 @@ class DreamBoothTrainer:
             elif tracker.name == "wandb":
                 import wandb
 
-                tracker.log({"validation": [wandb.Image(image, caption=self.config.validation.validation_prompt)
-                                            for image in images]}, step=self.global_step)
+                prompts = [p for p in self.config.validation.prompts for _ in range(self.config.validation.num_validation_images)]
+                tracker.log({"validation": [wandb.Image(image, caption=prompt)
+                                            for image, prompt in zip(images, prompts, strict=True)]},
+                            step=self.global_step)
 
     def save(self) -> Path:
         """Write the adapter (+ kohya file, model card); then sample it reloaded from disk."""
@@ -723,12 +732,45 @@ class DreamBoothTrainer:
         pipe = load_pipeline(self.components.path, device=self.accelerator.device, dtype=self.weight_dtype,
                              revision=cfg.revision, variant=cfg.variant, vae=vae)
         load_adapter(pipe, self.output_dir, "dreambooth")
-        settings = self._sample_settings()
-        with torch.random.fork_rng(devices=[]), self.accelerator.autocast():
-            images = generate(pipe, settings, adapters={"dreambooth": 1.0})
+        images, paths = [], []
+        for index, settings in enumerate(self._sample_settings()):
+            with torch.random.fork_rng(devices=[]), self.accelerator.autocast():
+                batch = generate(pipe, settings, adapters={"dreambooth": 1.0})
+            paths += save_images(batch, self.output_dir / "validation" / "final", self._stem(index), settings,
+                                 extra={"adapter": str(self.output_dir), "base_model": self.components.path})
+            images += batch
         self._log_images(images, "final")
-        return save_images(images, self.output_dir / "validation" / "final", "image", settings,
-                           extra={"adapter": str(self.output_dir), "base_model": self.components.path})
+        return paths
+
+    def summary(self) -> str:
+        """What the run wrote and what to run next (the app, the eval), for the end of the command."""
+        import shlex
+
+        out, cfg = self.output_dir, self.config
+        base = cfg.model.pretrained_model_name_or_path
+        final = sorted((out / "validation" / "final").glob("*.png"))
+        checkpoints = sorted((p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                             key=lambda p: int(p.name.split("-")[-1]))
+        lines = [f"Done: {self.global_step} steps. Wrote `{out}/`:",
+                 f"  pytorch_lora_weights.safetensors  the adapter: pipe.load_lora_weights({str(out)!r})",
+                 "  README.md, adapter_info.json      model card and settings; config.yaml reruns the run with --config"]
+        if final:
+            lines.append(f"  validation/final/                 {len(final)} image(s) of the adapter reloaded from disk")
+        if checkpoints:
+            lines.append(f"  {checkpoints[-1].name + '/':<33} resume with --resume_from_checkpoint latest")
+        q = shlex.quote
+        lines += ["Next:", f"  python app.py --base {q(base)} --adapters {q(str(out))}    # base and adapter side by side"]
+        instance = Path(cfg.data.instance_data_dir or "")
+        dataset = instance.parent.parent
+        if cfg.data.instance_data_dir and (dataset / "prompts_and_classes.txt").is_file():
+            encoders = " --dino_model toy:vit --clip_model toy:clip" if base.startswith("toy:") else ""
+            lines.append(f"  python -m eval dreambench --base {q(base)} --adapters base=none adapter={q(str(out))} "
+                         f"--dataset {q(str(dataset))} --subjects {q(instance.name)}{encoders} "
+                         f"--guidance_scale {cfg.validation.validation_guidance_scale:g} --out outputs/eval_{instance.name}")
+        else:
+            lines.append(f"  python -m eval dreambench --base {q(base)} --adapters adapter={q(str(out))} "
+                         "--dataset DREAMBENCH_DIR --subjects SUBJECT    # subject fidelity (DINO, CLIP-I, CLIP-T)")
+        return "\n".join(lines)
 
     def cleanup(self) -> None:
         for perturber in getattr(self, "perturbers", {}).values():

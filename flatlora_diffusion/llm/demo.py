@@ -30,9 +30,9 @@ def score_gsm8k(model: str | Path, adapter: str | Path, data: str | Path, out: s
                 **settings) -> dict:
     """GSM8K accuracy of `model` + `adapter` on the JSONL `data`, through `eval.gsm8k` (no second scorer)."""
     from eval.config import GSM8KConfig
-    from eval.files import write_text
     from eval.gsm8k import evaluate, load_examples
     from eval.llm import load_causal_lm
+    from flatlora_diffusion.files import write_text
 
     config = GSM8KConfig(model=str(model), adapter=str(adapter), data=str(data), **settings)
     examples, fewshot = load_examples(config)

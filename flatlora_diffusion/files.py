@@ -1,4 +1,4 @@
-"""Atomic file writes: a report is either complete or absent, never half-written."""
+"""Atomic file writes, the one helper every module uses: a file is either complete or absent, never half-written."""
 
 from __future__ import annotations
 
@@ -50,3 +50,14 @@ def save_image(image, path: str | Path) -> Path:
     with atomic_open(path, "wb") as handle:
         image.save(handle, format=fmt)
     return path
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's content, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

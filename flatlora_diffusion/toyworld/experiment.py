@@ -1,0 +1,110 @@
+"""DreamBooth before/after on the toy world: base vs LoRA vs Flat-LoRA, with and without prior preservation.
+
+    python -m flatlora_diffusion.toyworld dreambooth OUT_DIR [--subjects ...] [--variants ...] [--jobs 2]
+
+Every (subject, variant) is trained with the DreamBooth trainer from `configs/demo.yaml` plus the
+variant's flags, then scored with `toyworld.quality.subject_fidelity` (the oracle); the base model is
+scored once per subject with the same prompts and seeds. Runs whose result file exists are skipped,
+so a killed experiment resumes. Writes ``OUT_DIR/results.json`` and ``OUT_DIR/table.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from flatlora_diffusion.files import write_text
+from flatlora_diffusion.toyworld.quality import instance_prompt
+from flatlora_diffusion.toyworld.subjects import SUBJECTS, SUBJECTS_BY_NAME
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+SUBJECTS_DIR = Path(__file__).resolve().parents[1] / "data" / "toy_dreambench"
+VARIANTS: dict[str, list[str]] = {
+    "lora": ["--rho", "0"],
+    "flat": [],  # the demo's Flat-LoRA settings
+    "lora_prior": ["--rho", "0", "--with_prior_preservation"],
+    "flat_prior": ["--with_prior_preservation"],
+}
+METRICS = (("instance_prompt", "subject"), ("scene_prompts", "subject"), ("scene_prompts", "scene"),
+           ("scene_prompts", "scene_and_subject"))
+_TRAIN = "import sys; from flatlora_diffusion.dreambooth import load_config, run; run(load_config(sys.argv[1:]))"
+
+
+def _run(command: list[str], log: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as handle:
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"`{' '.join(command)}` failed (exit {result.returncode}); see `{log}`.")
+
+
+def _train_flags(subject_name: str, variant: str, run_dir: Path, config: Path) -> list[str]:
+    subject = SUBJECTS_BY_NAME[subject_name]
+    flags = ["--config", str(config), "--output_dir", str(run_dir / "adapter"),
+             "--instance_data_dir", str(SUBJECTS_DIR / "images" / subject.name),
+             "--instance_prompt", instance_prompt(subject), "--report_to", "none",
+             "--validation_prompt", "none", "--validation_extra_prompts", "", *VARIANTS[variant]]
+    if "--with_prior_preservation" in flags:
+        flags += ["--class_data_dir", str(run_dir / "class_images"), "--class_prompt", f"a photo of a {subject.object}"]
+    return flags
+
+
+def _job(out: Path, subject: str, variant: str, base: str, config: Path) -> None:
+    run_dir = out / "runs" / subject / variant
+    if (run_dir / "subject.json").is_file():
+        return
+    evaluate = [sys.executable, "-m", "flatlora_diffusion.toyworld", "subject", str(run_dir), "--subject", subject,
+                "--base", base]
+    if variant != "base":
+        if not (run_dir / "adapter" / "pytorch_lora_weights.safetensors").is_file():
+            _run([sys.executable, "-c", _TRAIN, *_train_flags(subject, variant, run_dir, config)], run_dir / "train.log")
+        evaluate += ["--adapter", str(run_dir / "adapter")]
+    _run(evaluate, run_dir / "eval.log")
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, (var / n) ** 0.5
+
+
+def table(out: Path, subjects: list[str], variants: list[str]) -> str:
+    """The Markdown table: mean ± s.e. over subjects of each oracle metric, per variant."""
+    rows = ["| run | subjects | instance prompt: subject | scene prompts: subject | scene | scene and subject |",
+            "|---|---|---|---|---|---|"]
+    results = {}
+    for variant in ["base", *variants]:
+        per_subject = [json.loads((out / "runs" / s / variant / "subject.json").read_text()) for s in subjects]
+        results[variant] = per_subject
+        cells = []
+        for group, metric in METRICS:
+            mean, se = _mean_se([r[group][metric]["accuracy"] for r in per_subject])
+            cells.append(f"{mean:.2f} ± {se:.2f}")
+        rows.append(f"| {variant} | {len(subjects)} | " + " | ".join(cells) + " |")
+    write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    return "\n".join(rows) + "\n"
+
+
+def run_experiment(out_dir: str | Path, subjects: list[str] | None = None, variants: list[str] | None = None, *,
+                   base: str = "toy:sd", config: str | Path = DEMO_CONFIG, jobs: int = 1) -> str:
+    """Train and score every (subject, variant) not done yet; write and return the table."""
+    out = Path(out_dir)
+    subjects = subjects or [s.name for s in SUBJECTS]
+    variants = variants or list(VARIANTS)
+    unknown = [s for s in subjects if s not in SUBJECTS_BY_NAME] + [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"Unknown subject(s)/variant(s) {', '.join(unknown)}; subjects: "
+                         f"{', '.join(SUBJECTS_BY_NAME)}; variants: {', '.join(VARIANTS)}.")
+    work = [(s, v) for s in subjects for v in ["base", *variants]]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(_job, out, s, v, base, Path(config)) for s, v in work]:
+            future.result()
+    text = table(out, subjects, variants)
+    write_text(out / "table.md", text)
+    return text

@@ -1,0 +1,134 @@
+"""Scoring with the toy world's oracle: does a base model follow captions, does an adapter show its subject?
+
+Both measurements sample through `flatlora_diffusion.sampling` (the module validation, eval and
+the app use) with fixed settings, one seeded image per (prompt, seed), and read every image back
+with the oracle:
+
+* `caption_following`: held-out captions naming object, colour, pattern and scene; the fraction of
+  images in which the oracle finds each named attribute (chance: 1/6 for object, colour, scene;
+  1/4 for pattern).
+* `subject_fidelity`: a subject's instance prompt (`a photo of sks ball`) and its DreamBench-style
+  prompts (`toyworld.subjects.PROMPTS`); the fraction of images showing the subject, and for the
+  scene prompts the fraction whose scene follows the prompt, alone and together with the subject.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from flatlora_diffusion.toyworld.oracle import Oracle
+from flatlora_diffusion.toyworld.render import from_pil
+from flatlora_diffusion.toyworld.subjects import PROMPTS, UNIQUE_TOKEN, Subject
+from flatlora_diffusion.toyworld.world import COLOURS, OBJECTS, PATTERNS, SCENES, Scene, caption, random_scene
+from flatlora_diffusion.toyworld.world import scene_of_prompt as _scene_of_prompt
+
+HELD_OUT_SEED = 20_261_201  # differs from every pretraining pool's seed
+CHANCE = {"object": 1 / len(OBJECTS), "colour": 1 / len(COLOURS), "pattern": 1 / len(PATTERNS), "scene": 1 / len(SCENES)}
+
+
+@dataclass(frozen=True)
+class SamplingProtocol:
+    """How every toy-world measurement samples (fixed before any result was seen)."""
+
+    steps: int = 25
+    guidance_scale: float = 4.0
+    scheduler: str | None = None  # None: the pipeline's own (toy:sd ships DDIM, trailing timesteps)
+
+
+def held_out_scenes(count: int, seed: int = HELD_OUT_SEED) -> list[Scene]:
+    """`count` random pretraining-distribution scenes from a seed no training pool used."""
+    generator = torch.Generator().manual_seed(seed)
+    return [random_scene(generator) for _ in range(count)]
+
+
+def _generate(pipe, prompts: Sequence[str], seeds: Sequence[int], protocol: SamplingProtocol,
+              adapters: dict[str, float] | None) -> list[Image.Image]:
+    from flatlora_diffusion.sampling import SampleSettings, generate
+
+    images = []
+    for prompt, seed in zip(prompts, seeds, strict=True):
+        settings = SampleSettings(prompt=prompt, seed=seed, steps=protocol.steps,
+                                  guidance_scale=protocol.guidance_scale, scheduler=protocol.scheduler)
+        images += generate(pipe, settings, adapters=adapters)
+    return images
+
+
+def _tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+    return torch.stack([from_pil(image) for image in images])
+
+
+def _fraction(flags: Sequence[bool]) -> dict:
+    n = len(flags)
+    p = sum(flags) / n if n else float("nan")
+    return {"accuracy": p, "n": n, "stderr": (p * (1 - p) / n) ** 0.5 if n else float("nan")}
+
+
+def caption_following(pipe, oracle: Oracle, count: int = 240, *, seed: int = HELD_OUT_SEED,
+                      protocol: SamplingProtocol = SamplingProtocol(), adapters: dict[str, float] | None = None,
+                      ) -> tuple[dict, list[Image.Image], list[str]]:
+    """Per-attribute accuracy of images of `count` held-out captions; also the images and captions."""
+    scenes = held_out_scenes(count, seed)
+    captions = [caption(scene) for scene in scenes]
+    images = _generate(pipe, captions, [seed + i for i in range(count)], protocol, adapters)
+    predicted = oracle.predict(_tensor(images))
+    result = {name: _fraction([predicted[name][i] == getattr(scene, name) for i, scene in enumerate(scenes)])
+              | {"chance": CHANCE[name]} for name in CHANCE}
+    result["all_three"] = _fraction([all(predicted[k][i] == getattr(s, k) for k in ("object", "colour", "scene"))
+                                     for i, s in enumerate(scenes)])
+    return {"attributes": result, "captions": count, "seed": seed, "protocol": asdict(protocol)}, images, captions
+
+
+def instance_prompt(subject: Subject) -> str:
+    """The prompt a subject is trained with: `a photo of sks ball`."""
+    return f"a photo of {UNIQUE_TOKEN} {subject.object}"
+
+
+def subject_fidelity(pipe, oracle: Oracle, subject: Subject, *, images_per_prompt: int = 4, seed: int = 0,
+                     protocol: SamplingProtocol = SamplingProtocol(), adapters: dict[str, float] | None = None,
+                     ) -> tuple[dict, list[Image.Image], list[str]]:
+    """Subject and scene accuracy for the instance prompt and the subject's DreamBench-style prompts."""
+    prompts = [instance_prompt(subject)] + [p.format(UNIQUE_TOKEN, subject.object) for p in PROMPTS]
+    repeated = [p for p in prompts for _ in range(images_per_prompt)]
+    seeds = [seed + k for _ in prompts for k in range(images_per_prompt)]
+    images = _generate(pipe, repeated, seeds, protocol, adapters)
+    predicted = oracle.predict(_tensor(images))
+    shows = [name == subject.name for name in predicted["subject"]]
+    instance = [i for i, p in enumerate(repeated) if p == prompts[0]]
+    scene_rows = [i for i, p in enumerate(repeated) if i not in instance and _scene_of_prompt(p)]
+    scene_ok = [predicted["scene"][i] == _scene_of_prompt(repeated[i]) for i in scene_rows]
+    result = {
+        "subject": subject.name,
+        "instance_prompt": {"prompt": prompts[0], "subject": _fraction([shows[i] for i in instance])},
+        "scene_prompts": {
+            "prompts": len({repeated[i] for i in scene_rows}),
+            "subject": _fraction([shows[i] for i in scene_rows]),
+            "scene": _fraction(scene_ok),
+            "scene_and_subject": _fraction([ok and shows[i] for ok, i in zip(scene_ok, scene_rows, strict=True)]),
+        },
+        "images_per_prompt": images_per_prompt, "seed": seed, "protocol": asdict(protocol),
+    }
+    return result, images, repeated
+
+
+def grid(images: Sequence[Image.Image], columns: int = 8, labels: Sequence[str] | None = None,
+         scale: int = 2) -> Image.Image:
+    """The images in a grid, each scaled by `scale` (nearest), with an optional small label under each."""
+    width, height = images[0].width * scale, images[0].height * scale
+    label_height = 24 if labels else 0
+    rows = (len(images) + columns - 1) // columns
+    canvas = Image.new("RGB", (columns * width, rows * (height + label_height)), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=9) if labels else None
+    for i, image in enumerate(images):
+        x, y = (i % columns) * width, (i // columns) * (height + label_height)
+        canvas.paste(image.resize((width, height), Image.NEAREST), (x, y))
+        if labels:
+            words = labels[i].removeprefix("a photo of ").split()
+            half = (len(words) + 1) // 2
+            for line, text in enumerate((" ".join(words[:half]), " ".join(words[half:]))):
+                draw.text((x + 2, y + height + 1 + 11 * line), text, fill="black", font=font)
+    return canvas
