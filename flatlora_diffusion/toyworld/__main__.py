@@ -32,7 +32,8 @@ def _pretrain(args, parser) -> int:
     torch.set_num_threads(args.threads)
     try:
         pretrain(args.out_dir, PretrainSettings(minutes=args.minutes, seed=args.seed), device=args.device,
-                 resume=args.resume, overwrite=args.overwrite, stages=tuple(args.stages or STAGES))
+                 resume=args.resume, overwrite=args.overwrite, stages=tuple(args.stages or STAGES),
+                 threads=args.threads)
     except PretrainError as err:
         parser.exit(2, f"error: {err}\n")
     return 0
@@ -104,8 +105,8 @@ def _subject(args, parser) -> int:
                                                images_per_prompt=args.images_per_prompt)
     result |= {"base": args.base, "adapter": str(args.adapter) if args.adapter else None}
     write_text(args.out_dir / "subject.json", json.dumps(result, indent=2) + "\n")
-    save_image(grid(images[::args.images_per_prompt], 9, prompts[::args.images_per_prompt]),
-               args.out_dir / "samples.png")
+    first = [i for i, prompt in enumerate(prompts) if i == 0 or prompt != prompts[i - 1]]  # one image per prompt
+    save_image(grid([images[i] for i in first], 9, [prompts[i] for i in first]), args.out_dir / "samples.png")
     print(json.dumps({k: v for k, v in result.items() if k in ("instance_prompt", "scene_prompts")}, indent=1))
     return 0
 
@@ -115,7 +116,7 @@ def _dreambooth(args, parser) -> int:
 
     try:
         print(run_experiment(args.out_dir, args.subjects, args.variants, base=args.base, config=args.config,
-                             jobs=args.jobs))
+                             jobs=args.jobs, images_per_prompt=args.images_per_prompt))
     except (ValueError, RuntimeError) as err:
         parser.exit(2, f"error: {err}\n")
     return 0
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     dream.add_argument("--base", default="toy:sd")
     dream.add_argument("--config", type=Path, default=DEMO_CONFIG, help="trainer settings (default: the demo's)")
     dream.add_argument("--jobs", type=int, default=1, help="runs in parallel, one CPU thread each")
+    dream.add_argument("--images_per_prompt", type=int, default=4, help="per scene/property prompt (instance: 4x)")
     args = parser.parse_args(argv)
 
     if args.command == "subjects":

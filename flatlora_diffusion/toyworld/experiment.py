@@ -26,8 +26,8 @@ SUBJECTS_DIR = Path(__file__).resolve().parents[1] / "data" / "toy_dreambench"
 VARIANTS: dict[str, list[str]] = {
     "lora": ["--rho", "0"],
     "flat": [],  # the demo's Flat-LoRA settings
-    "lora_prior": ["--rho", "0", "--with_prior_preservation"],
-    "flat_prior": ["--with_prior_preservation"],
+    "lora_prior": ["--rho", "0", "--with_prior_preservation", "--num_class_images", "50"],
+    "flat_prior": ["--with_prior_preservation", "--num_class_images", "50"],
 }
 METRICS = (("instance_prompt", "subject"), ("scene_prompts", "subject"), ("scene_prompts", "scene"),
            ("scene_prompts", "scene_and_subject"))
@@ -54,12 +54,12 @@ def _train_flags(subject_name: str, variant: str, run_dir: Path, config: Path) -
     return flags
 
 
-def _job(out: Path, subject: str, variant: str, base: str, config: Path) -> None:
+def _job(out: Path, subject: str, variant: str, base: str, config: Path, images_per_prompt: int) -> None:
     run_dir = out / "runs" / subject / variant
     if (run_dir / "subject.json").is_file():
         return
     evaluate = [sys.executable, "-m", "flatlora_diffusion.toyworld", "subject", str(run_dir), "--subject", subject,
-                "--base", base]
+                "--base", base, "--images_per_prompt", str(images_per_prompt)]
     if variant != "base":
         if not (run_dir / "adapter" / "pytorch_lora_weights.safetensors").is_file():
             _run([sys.executable, "-c", _TRAIN, *_train_flags(subject, variant, run_dir, config)], run_dir / "train.log")
@@ -78,6 +78,8 @@ def table(out: Path, subjects: list[str], variants: list[str]) -> str:
     """The Markdown table: mean ± s.e. over subjects of each oracle metric, per variant."""
     rows = ["| run | subjects | instance prompt: subject | scene prompts: subject | scene | scene and subject |",
             "|---|---|---|---|---|---|"]
+    ceiling = [json.loads((out / "runs" / s / "base" / "subject.json").read_text())["reconstruction_ceiling"]["accuracy"]
+               for s in subjects]
     results = {}
     for variant in ["base", *variants]:
         per_subject = [json.loads((out / "runs" / s / variant / "subject.json").read_text()) for s in subjects]
@@ -87,12 +89,21 @@ def table(out: Path, subjects: list[str], variants: list[str]) -> str:
             mean, se = _mean_se([r[group][metric]["accuracy"] for r in per_subject])
             cells.append(f"{mean:.2f} ± {se:.2f}")
         rows.append(f"| {variant} | {len(subjects)} | " + " | ".join(cells) + " |")
+    mean, se = _mean_se(ceiling)
+    rows.append(f"| VAE round trip of renders (ceiling) | {len(subjects)} | {mean:.2f} ± {se:.2f} | | | |")
+    per_subject = ["", "| subject | VAE ceiling | " + " | ".join(f"{v}: instance / scene and subject" for v in ["base", *variants]) + " |",
+                   "|---|---|" + "---|" * (1 + len(variants))]
+    for i, name in enumerate(subjects):
+        cells = [f"{r[i]['instance_prompt']['subject']['accuracy']:.2f} / {r[i]['scene_prompts']['scene_and_subject']['accuracy']:.2f}"
+                 for r in results.values()]
+        per_subject.append(f"| {name} | {ceiling[i]:.2f} | " + " | ".join(cells) + " |")
     write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
-    return "\n".join(rows) + "\n"
+    return "\n".join(rows + per_subject) + "\n"
 
 
 def run_experiment(out_dir: str | Path, subjects: list[str] | None = None, variants: list[str] | None = None, *,
-                   base: str = "toy:sd", config: str | Path = DEMO_CONFIG, jobs: int = 1) -> str:
+                   base: str = "toy:sd", config: str | Path = DEMO_CONFIG, jobs: int = 1,
+                   images_per_prompt: int = 4) -> str:
     """Train and score every (subject, variant) not done yet; write and return the table."""
     out = Path(out_dir)
     subjects = subjects or [s.name for s in SUBJECTS]
@@ -103,7 +114,7 @@ def run_experiment(out_dir: str | Path, subjects: list[str] | None = None, varia
                          f"{', '.join(SUBJECTS_BY_NAME)}; variants: {', '.join(VARIANTS)}.")
     work = [(s, v) for s in subjects for v in ["base", *variants]]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for future in [pool.submit(_job, out, s, v, base, Path(config)) for s, v in work]:
+        for future in [pool.submit(_job, out, s, v, base, Path(config), images_per_prompt) for s, v in work]:
             future.result()
     text = table(out, subjects, variants)
     write_text(out / "table.md", text)

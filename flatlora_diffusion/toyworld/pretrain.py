@@ -53,7 +53,7 @@ STAGES = ("oracle", "vae", "clip", "vit", "unet")
 # Optimiser steps per minute of the 2-core reference machine (one torch thread), and each stage's
 # share of the budget: `steps = share * minutes * rate`.
 RATES = {"oracle": 250.0, "vae": 90.0, "clip": 200.0, "vit": 330.0, "unet": 122.0}
-SHARES = {"oracle": 0.05, "vae": 0.09, "clip": 0.04, "vit": 0.03, "unet": 0.74}  # the rest: rendering
+SHARES = {"oracle": 0.05, "vae": 0.44, "clip": 0.04, "vit": 0.03, "unet": 0.5}
 BATCH = {"oracle": 64, "vae": 16, "clip": 128, "vit": 64, "unet": 64}
 LR = {"oracle": 2e-3, "vae": 1e-3, "clip": 1e-3, "vit": 1e-3, "unet": 5e-4}
 POOL = {"oracle": 24_000, "vae": 24_000, "clip": 24_000, "vit": 24_000, "unet": 40_000}
@@ -306,7 +306,7 @@ def _unet_stage(settings: PretrainSettings, work: Path, device: torch.device) ->
     vae = AutoencoderKL.from_pretrained(work / "vae").eval()
     text_encoder = CLIPTextModel.from_pretrained(work / "clip").to(device).eval()
     pool = scene_mix(POOL["unet"], settings.seed + 15)
-    cache = work / "state" / "unet_latents.pt"
+    cache = work / "unet_latents.pt"
     if cache.is_file():
         means, stds = torch.load(cache).values()
     else:
@@ -327,7 +327,7 @@ def _unet_stage(settings: PretrainSettings, work: Path, device: torch.device) ->
     alphas = scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
     weights = torch.clamp(snr, max=5.0) / (snr + 1)  # min-SNR-5 for v-prediction
-    snapshots = work / "state" / "unet_snapshots"
+    snapshots = work / "unet_snapshots"
 
     def step_fn(step, g):
         index = torch.randint(len(pool), (BATCH["unet"],), generator=g)
@@ -394,8 +394,8 @@ def _check_folder(out: Path, settings: PretrainSettings, resume: bool, overwrite
 
 
 def pretrain(out_dir: str | Path, settings: PretrainSettings = PretrainSettings(), *, device: str = "cpu",
-             resume: bool = False, overwrite: bool = False, command: str | None = None,
-             stages: tuple[str, ...] = STAGES) -> Path:
+             resume: bool = False, overwrite: bool = False, stages: tuple[str, ...] = STAGES,
+             threads: int = 1) -> Path:
     """Run (or resume) `stages` into `out_dir`; once every stage is done, assemble the toy models.
 
     Stages are independent but for `unet`, which needs `vae` and `clip`: two processes may run
@@ -408,8 +408,9 @@ def pretrain(out_dir: str | Path, settings: PretrainSettings = PretrainSettings(
     settings = _check_folder(out, settings, resume, overwrite)
     work = out / "state"
     work.mkdir(parents=True, exist_ok=True)
-    command = command or " ".join(["python -m flatlora_diffusion.toyworld pretrain", str(out_dir),
-                                   f"--minutes {settings.minutes:g}", f"--seed {settings.seed}"])
+    # Thread counts change float rounding, so they belong to the command that reproduces the weights.
+    command = " ".join(["python -m flatlora_diffusion.toyworld pretrain", str(out_dir), f"--minutes {settings.minutes:g}",
+                        f"--seed {settings.seed}", *([f"--threads {threads}"] if threads != 1 else [])])
     write_text(work / "run.json", json.dumps({"settings": asdict(settings), "command": command}, indent=2) + "\n")
     torch_device = torch.device(device)
     started = time.monotonic()
@@ -423,7 +424,8 @@ def pretrain(out_dir: str | Path, settings: PretrainSettings = PretrainSettings(
         t0 = time.monotonic()
         torch.manual_seed(settings.seed * 1_000_003 + STAGES.index(stage))  # weight initialisation
         result = {**STAGE_FUNCTIONS[stage](settings, work, torch_device), "steps": settings.steps(stage),
-                  "seconds": round(time.monotonic() - t0, 1)}
+                  "seconds": round(time.monotonic() - t0, 1), "threads": torch.get_num_threads(),
+                  "device": str(torch_device)}
         write_text(report_path, json.dumps(result, indent=1) + "\n")
         (work / f"{stage}.pt").unlink(missing_ok=True)
     if not all((work / f"{stage}.json").is_file() for stage in STAGES):

@@ -82,6 +82,25 @@ def caption_following(pipe, oracle: Oracle, count: int = 240, *, seed: int = HEL
     return {"attributes": result, "captions": count, "seed": seed, "protocol": asdict(protocol)}, images, captions
 
 
+@torch.no_grad()
+def reconstruction_ceiling(vae, oracle: Oracle, subject: Subject, count: int = 48, seed: int = 7) -> dict:
+    """How often the oracle still sees the subject after a round trip through the VAE alone.
+
+    Every generated image is a VAE decode, so this bounds what any adapter can reach on this base:
+    a pattern the VAE cannot reproduce cannot be generated either.
+    """
+    from flatlora_diffusion.toyworld.render import render
+    from flatlora_diffusion.toyworld.world import place
+
+    generator = torch.Generator().manual_seed(seed)
+    scenes = [place(subject.scene(tuple(SCENES)[i % len(SCENES)]), generator) for i in range(count)]
+    images = torch.stack([render(scene) for scene in scenes])
+    param = next(vae.parameters())
+    latents = vae.encode((images * 2 - 1).to(param)).latent_dist.mean
+    decoded = ((vae.decode(latents).sample.float().cpu() + 1) / 2).clamp(0, 1)
+    return _fraction([name == subject.name for name in oracle.predict(decoded)["subject"]])
+
+
 def instance_prompt(subject: Subject) -> str:
     """The prompt a subject is trained with: `a photo of sks ball`."""
     return f"a photo of {UNIQUE_TOKEN} {subject.object}"
@@ -90,10 +109,12 @@ def instance_prompt(subject: Subject) -> str:
 def subject_fidelity(pipe, oracle: Oracle, subject: Subject, *, images_per_prompt: int = 4, seed: int = 0,
                      protocol: SamplingProtocol = SamplingProtocol(), adapters: dict[str, float] | None = None,
                      ) -> tuple[dict, list[Image.Image], list[str]]:
-    """Subject and scene accuracy for the instance prompt and the subject's DreamBench-style prompts."""
+    """Subject and scene accuracy for the instance prompt (4x `images_per_prompt` images) and the subject's
+    DreamBench-style prompts (`images_per_prompt` each)."""
     prompts = [instance_prompt(subject)] + [p.format(UNIQUE_TOKEN, subject.object) for p in PROMPTS]
-    repeated = [p for p in prompts for _ in range(images_per_prompt)]
-    seeds = [seed + k for _ in prompts for k in range(images_per_prompt)]
+    counts = [4 * images_per_prompt] + [images_per_prompt] * len(PROMPTS)
+    repeated = [p for p, n in zip(prompts, counts, strict=True) for _ in range(n)]
+    seeds = [seed + k for n in counts for k in range(n)]
     images = _generate(pipe, repeated, seeds, protocol, adapters)
     predicted = oracle.predict(_tensor(images))
     shows = [name == subject.name for name in predicted["subject"]]
@@ -109,6 +130,7 @@ def subject_fidelity(pipe, oracle: Oracle, subject: Subject, *, images_per_promp
             "scene": _fraction(scene_ok),
             "scene_and_subject": _fraction([ok and shows[i] for ok, i in zip(scene_ok, scene_rows, strict=True)]),
         },
+        "reconstruction_ceiling": reconstruction_ceiling(pipe.vae, oracle, subject),
         "images_per_prompt": images_per_prompt, "seed": seed, "protocol": asdict(protocol),
     }
     return result, images, repeated
