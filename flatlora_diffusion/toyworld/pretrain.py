@@ -13,8 +13,8 @@ Stages, in order (each a plain training loop over a pool of renders):
 5. ``unet``: the SD UNet on the frozen VAE latents and frozen CLIP text encoder (the SD 1.x recipe):
    v-prediction, min-SNR-5 weighting, 10% empty captions for classifier-free guidance, EMA 0.999.
 
-The step counts are a fixed function of ``--minutes`` (calibrated on 2 CPU cores, one torch thread), so
-the same command trains the same models on any machine. Each stage checkpoints its full state
+The step counts are a fixed function of ``--minutes`` (`RATES` x `SHARES`, rough steps per minute on
+2 CPU cores), so the same command trains the same models on any machine. Each stage checkpoints its full state
 (weights, EMA, optimiser, step) atomically every two minutes; every batch, noise and caption is drawn
 from a generator seeded by (seed, stage, step), so a killed run resumed with the same command
 continues exactly where it stopped. The result, in ``OUT_DIR``:
@@ -50,8 +50,8 @@ from flatlora_diffusion.toyworld.text import build_tokenizer
 from flatlora_diffusion.toyworld.world import COLOURS, MARKS, OBJECTS, PATTERNS, SUBJECT_PATTERNS, caption
 
 STAGES = ("oracle", "vae", "clip", "vit", "unet")
-# Optimiser steps per minute of the 2-core reference machine (one torch thread), and each stage's
-# share of the budget: `steps = share * minutes * rate`.
+# Rough optimiser steps per minute on 2 CPU cores, and each stage's share of the budget:
+# `steps = share * minutes * rate`. Only the product matters: it fixes the step counts.
 RATES = {"oracle": 250.0, "vae": 90.0, "clip": 200.0, "vit": 330.0, "unet": 122.0}
 SHARES = {"oracle": 0.05, "vae": 0.44, "clip": 0.04, "vit": 0.03, "unet": 0.5}
 BATCH = {"oracle": 64, "vae": 16, "clip": 128, "vit": 64, "unet": 64}
