@@ -171,11 +171,6 @@ def render(scene: Scene) -> torch.Tensor:
     return image.clamp(0, 1)
 
 
-def render_batch(scenes) -> torch.Tensor:
-    """Scenes as a float batch (B, 3, 64, 64) in [0, 1]."""
-    return torch.stack([render(scene) for scene in scenes])
-
-
 def to_pil(image: torch.Tensor) -> Image.Image:
     """A (3, H, W) float image in [0, 1] as an 8-bit Pillow image."""
     array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()

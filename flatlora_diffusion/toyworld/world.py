@@ -15,7 +15,7 @@ light tint of the object's own colour) and a white mark on the object.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -45,7 +45,6 @@ PREFIXES = ("a photo of", "a picture of", "")
 # Rare identifiers for DreamBooth (in the vocabulary, never in a pretraining caption).
 IDENTIFIERS = ("sks", "zwx", "ohwx", "qwe")
 
-ATTRIBUTES = ("object", "colour", "pattern", "scene")
 IMAGE_SIZE = 64
 
 
@@ -73,10 +72,6 @@ class Scene:
                 raise ValueError(f"Scene `{name}` must be one of {', '.join(allowed)}; got {value!r}.")
         if self.colour2 is not None and self.colour2 not in COLOURS:
             raise ValueError(f"Scene `colour2` must be None or one of {', '.join(COLOURS)}; got {self.colour2!r}.")
-
-    def to_dict(self) -> dict:
-        """A JSON-ready record of the scene."""
-        return asdict(self)
 
 
 def _choice(options, generator: torch.Generator):
@@ -147,9 +142,3 @@ def scene_of_prompt(prompt: str) -> str | None:
         if any(f" {phrase} " in text for phrase in phrases):
             return scene
     return None
-
-
-def attribute_of_prompt(prompt: str, options) -> str | None:
-    """The first of `options` (e.g. `COLOURS`) named as a word in `prompt`, or None."""
-    words = prompt.lower().split()
-    return next((option for option in options if option in words), None)
