@@ -24,6 +24,8 @@ def _pretrain(args, parser) -> int:
 
     if args.minutes <= 0:
         parser.error(f"`--minutes` must be positive, got {args.minutes}.")
+    if args.unet_extra_steps < 0:
+        parser.error(f"`--unet_extra_steps` must be 0 or more, got {args.unet_extra_steps}.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("`--device cuda`: no CUDA device is available; use `--device cpu`.")
     unknown = sorted(set(args.stages or ()) - set(STAGES))
@@ -31,9 +33,9 @@ def _pretrain(args, parser) -> int:
         parser.error(f"`--stages`: unknown {', '.join(unknown)}; choose from {', '.join(STAGES)}.")
     torch.set_num_threads(args.threads)
     try:
-        pretrain(args.out_dir, PretrainSettings(minutes=args.minutes, seed=args.seed), device=args.device,
-                 resume=args.resume, overwrite=args.overwrite, stages=tuple(args.stages or STAGES),
-                 threads=args.threads)
+        settings = PretrainSettings(minutes=args.minutes, seed=args.seed, unet_extra_steps=args.unet_extra_steps)
+        pretrain(args.out_dir, settings, device=args.device, resume=args.resume, overwrite=args.overwrite,
+                 stages=tuple(args.stages) if args.stages else None, threads=args.threads)
     except PretrainError as err:
         parser.exit(2, f"error: {err}\n")
     return 0
@@ -131,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--minutes", type=float, default=90.0,
                      help="budget on 2 CPU cores; fixes every stage's step count (default: %(default)s)")
     pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--unet_extra_steps", type=int, default=0,
+                     help="train the UNet this many steps more, beyond --minutes (extends a finished run)")
     pre.add_argument("--device", default="cpu", help="cpu or cuda (faster; the step counts stay the same)")
     pre.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     pre.add_argument("--stages", nargs="+", default=None,

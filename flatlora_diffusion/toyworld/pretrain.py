@@ -11,7 +11,11 @@ Stages, in order (each a plain training loop over a pool of renders):
 4. ``vit``: the DINO stand-in, a `ViTModel` trained to read the object's class, colours, pattern and
    mark from its CLS feature (object-centric, as DINO features are for subject fidelity);
 5. ``unet``: the SD UNet on the frozen VAE latents and frozen CLIP text encoder (the SD 1.x recipe):
-   v-prediction, min-SNR-5 weighting, 10% empty captions for classifier-free guidance, EMA 0.999.
+   v-prediction, min-SNR-5 weighting, 10% empty captions for classifier-free guidance, EMA 0.999;
+6. ``unet_continued`` (only with ``--unet_extra_steps N``): N more UNet steps, the same loss, from
+   the ``unet`` stage's EMA weights with a fresh optimiser and its own warm-up and cosine schedule.
+   It spends compute beyond ``--minutes``; because it starts from the finished ``unet`` stage, it can
+   extend a finished run (same command plus the flag) and gives what a run from scratch would.
 
 The step counts are a fixed function of ``--minutes`` (`RATES` x `SHARES`, rough steps per minute on
 2 CPU cores), so the same command trains the same models on any machine. Each stage checkpoints its full state
@@ -35,7 +39,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -49,7 +53,7 @@ from flatlora_diffusion.toyworld.oracle import HEADS, Oracle
 from flatlora_diffusion.toyworld.text import build_tokenizer
 from flatlora_diffusion.toyworld.world import COLOURS, MARKS, OBJECTS, PATTERNS, SUBJECT_PATTERNS, caption
 
-STAGES = ("oracle", "vae", "clip", "vit", "unet")
+STAGES = ("oracle", "vae", "clip", "vit", "unet", "unet_continued")
 # Rough optimiser steps per minute on 2 CPU cores, and each stage's share of the budget:
 # `steps = share * minutes * rate`. Only the product matters: it fixes the step counts.
 RATES = {"oracle": 250.0, "vae": 90.0, "clip": 200.0, "vit": 330.0, "unet": 122.0}
@@ -73,11 +77,21 @@ class PretrainSettings:
     """What determines the result (the device and the folder do not)."""
 
     minutes: float = 90.0
+    """Budget on 2 CPU cores; fixes the step count of every stage but `unet_continued`."""
     seed: int = 0
+    """Seeds every initialisation, batch, noise draw and caption."""
+    unet_extra_steps: int = 0
+    """Steps of the `unet_continued` stage (0: no such stage)."""
 
     def steps(self, stage: str) -> int:
-        """The stage's number of optimiser steps: a fixed function of `minutes`."""
+        """The stage's number of optimiser steps: a fixed function of `minutes` (or `unet_extra_steps`)."""
+        if stage == "unet_continued":
+            return self.unet_extra_steps
         return max(20, int(SHARES[stage] * self.minutes * RATES[stage]))
+
+    def stages(self) -> tuple[str, ...]:
+        """The stages this run has, in order."""
+        return tuple(stage for stage in STAGES if self.steps(stage) > 0)
 
 
 def _generator(settings: PretrainSettings, stage: str, step: int) -> torch.Generator:
@@ -297,8 +311,8 @@ def _vit_stage(settings: PretrainSettings, work: Path, device: torch.device) -> 
     return {"history": history}
 
 
-def _unet_stage(settings: PretrainSettings, work: Path, device: torch.device) -> dict:
-    from diffusers import AutoencoderKL, DDPMScheduler
+def _unet_stage(settings: PretrainSettings, work: Path, device: torch.device, name: str = "unet") -> dict:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from safetensors.torch import save
     from transformers import CLIPTextModel
 
@@ -320,8 +334,10 @@ def _unet_stage(settings: PretrainSettings, work: Path, device: torch.device) ->
         means, stds = torch.cat(means), torch.cat(stds)
         _save_state(cache, {"means": means, "stds": stds})
     scaling = vae.config.scaling_factor
-    unet = arch.build_unet().to(device)
-    ema = {name: param.detach().clone() for name, param in unet.named_parameters()}
+    continued = name == "unet_continued"
+    unet = (UNet2DConditionModel.from_pretrained(work / "unet") if continued else arch.build_unet()).to(device)
+    first_step = settings.steps("unet") if continued else 0  # snapshots are named by the total UNet step
+    ema = {key: param.detach().clone() for key, param in unet.named_parameters()}
     optimizer = torch.optim.AdamW(unet.parameters(), lr=LR["unet"], weight_decay=0.01)
     scheduler = DDPMScheduler(**arch.BETAS, prediction_type="v_prediction")
     alphas = scheduler.alphas_cumprod
@@ -349,19 +365,22 @@ def _unet_stage(settings: PretrainSettings, work: Path, device: torch.device) ->
 
     def on_snapshot(step: int) -> None:
         snapshots.mkdir(parents=True, exist_ok=True)
-        with atomic_open(snapshots / f"ema-{step:06d}.safetensors", "wb") as handle:
+        with atomic_open(snapshots / f"ema-{first_step + step:06d}.safetensors", "wb") as handle:
             handle.write(save({k: v.contiguous() for k, v in ema.items()}))
 
-    history = run_stage(Stage("unet", {"model": unet}, optimizer, step_fn, ema=ema, on_snapshot=on_snapshot),
+    history = run_stage(Stage(name, {"model": unet}, optimizer, step_fn, ema=ema, on_snapshot=on_snapshot),
                         settings, work)
     unet = unet.cpu()
     unet.load_state_dict({**unet.state_dict(), **ema})
-    _atomic_save_pretrained([unet.eval()], work / "unet")
+    _atomic_save_pretrained([unet.eval()], work / name)
     return {"history": history}
 
 
 STAGE_FUNCTIONS = {"oracle": _oracle_stage, "vae": _vae_stage, "clip": _clip_stage, "vit": _vit_stage,
-                   "unet": _unet_stage}
+                   "unet": _unet_stage,
+                   "unet_continued": lambda settings, work, device: _unet_stage(settings, work, device,
+                                                                                "unet_continued")}
+NEEDS = {"unet": ("vae", "clip"), "unet_continued": ("unet",)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,9 +398,15 @@ def _check_folder(out: Path, settings: PretrainSettings, resume: bool, overwrite
     if overwrite and out.exists():
         shutil.rmtree(out)
     if run_file.is_file():
-        previous = PretrainSettings(**json.loads(run_file.read_text())["settings"])
+        previous = PretrainSettings(**{"unet_extra_steps": 0, **json.loads(run_file.read_text())["settings"]})
         if previous == settings or resume:
             return previous
+        extends = (previous.unet_extra_steps == 0 and replace(previous, unet_extra_steps=settings.unet_extra_steps)
+                   == settings and not (out / "state" / "unet_continued.pt").exists())
+        if extends:
+            print(f"[pretrain] extending the run in {out} with {settings.unet_extra_steps} more UNet steps",
+                  file=sys.stderr)
+            return settings
         raise PretrainError(f"`{out}` holds a pretraining run with other settings ({asdict(previous)}, this "
                             f"command: {asdict(settings)}). Pass `--resume` to continue that run with its own "
                             "settings, `--overwrite` to delete it and start again, or choose another OUT_DIR.")
@@ -394,12 +419,12 @@ def _check_folder(out: Path, settings: PretrainSettings, resume: bool, overwrite
 
 
 def pretrain(out_dir: str | Path, settings: PretrainSettings = PretrainSettings(), *, device: str = "cpu",
-             resume: bool = False, overwrite: bool = False, stages: tuple[str, ...] = STAGES,
+             resume: bool = False, overwrite: bool = False, stages: tuple[str, ...] | None = None,
              threads: int = 1) -> Path:
-    """Run (or resume) `stages` into `out_dir`; once every stage is done, assemble the toy models.
+    """Run (or resume) `stages` (default: all the run has) into `out_dir`; then assemble the toy models.
 
-    Stages are independent but for `unet`, which needs `vae` and `clip`: two processes may run
-    disjoint `stages` into the same folder at once.
+    Stages are independent but for `unet`, which needs `vae` and `clip`, and `unet_continued`, which
+    needs `unet`: two processes may run disjoint `stages` into the same folder at once.
     """
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -410,16 +435,19 @@ def pretrain(out_dir: str | Path, settings: PretrainSettings = PretrainSettings(
     work.mkdir(parents=True, exist_ok=True)
     # Thread counts change float rounding, so they belong to the command that reproduces the weights.
     command = " ".join(["python -m flatlora_diffusion.toyworld pretrain", str(out_dir), f"--minutes {settings.minutes:g}",
-                        f"--seed {settings.seed}", *([f"--threads {threads}"] if threads != 1 else [])])
+                        f"--seed {settings.seed}", *([f"--threads {threads}"] if threads != 1 else []),
+                        *([f"--unet_extra_steps {settings.unet_extra_steps}"] if settings.unet_extra_steps else [])])
     write_text(work / "run.json", json.dumps({"settings": asdict(settings), "command": command}, indent=2) + "\n")
     torch_device = torch.device(device)
     started = time.monotonic()
-    for stage in stages:
+    for stage in stages or settings.stages():
         report_path = work / f"{stage}.json"
-        if report_path.is_file():
+        if report_path.is_file() or settings.steps(stage) == 0:
             continue
-        if stage == "unet" and not all((work / f"{needed}.json").is_file() for needed in ("vae", "clip")):
-            raise PretrainError("Stage `unet` needs the `vae` and `clip` stages: run them first (drop `--stages`).")
+        needed = NEEDS.get(stage, ())
+        if not all((work / f"{name}.json").is_file() for name in needed):
+            raise PretrainError(f"Stage `{stage}` needs the {' and '.join(f'`{n}`' for n in needed)} stage(s): "
+                                "run them first (drop `--stages`).")
         print(f"[pretrain] stage {stage}: {settings.steps(stage)} steps", file=sys.stderr, flush=True)
         t0 = time.monotonic()
         torch.manual_seed(settings.seed * 1_000_003 + STAGES.index(stage))  # weight initialisation
@@ -428,15 +456,16 @@ def pretrain(out_dir: str | Path, settings: PretrainSettings = PretrainSettings(
                   "device": str(torch_device)}
         write_text(report_path, json.dumps(result, indent=1) + "\n")
         (work / f"{stage}.pt").unlink(missing_ok=True)
-    if not all((work / f"{stage}.json").is_file() for stage in STAGES):
+    if not all((work / f"{stage}.json").is_file() for stage in settings.stages()):
         print("[pretrain] stages done; the models are assembled once every stage has run", file=sys.stderr)
         return out
-    report = {stage: json.loads((work / f"{stage}.json").read_text()) for stage in STAGES}
+    report = {stage: json.loads((work / f"{stage}.json").read_text()) for stage in settings.stages()}
+    unet_dir = work / settings.stages()[-1]  # `unet_continued` when the run has it
 
     tokenizer = build_tokenizer()
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(work / "vae"), text_encoder=CLIPTextModel.from_pretrained(work / "clip"),
-        tokenizer=tokenizer, unet=UNet2DConditionModel.from_pretrained(work / "unet"), scheduler=arch.sd_scheduler(),
+        tokenizer=tokenizer, unet=UNet2DConditionModel.from_pretrained(unet_dir), scheduler=arch.sd_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     _atomic_save_pretrained([pipe], out / "sd")
     for name in ("clip", "vit", "oracle"):
@@ -446,8 +475,9 @@ def pretrain(out_dir: str | Path, settings: PretrainSettings = PretrainSettings(
         shutil.rmtree(out / name, ignore_errors=True)
         tmp.rename(out / name)
     manifest = {"command": command, "settings": asdict(settings),
-                "steps": {stage: settings.steps(stage) for stage in STAGES},
-                "results": {stage: {k: v for k, v in report[stage].items() if k != "history"} for stage in STAGES},
+                "steps": {stage: settings.steps(stage) for stage in settings.stages()},
+                "results": {stage: {k: v for k, v in report[stage].items() if k != "history"}
+                            for stage in settings.stages()},
                 "versions": _versions(), "sha256": checksums(out)}
     write_text(out / "MANIFEST.json", json.dumps(manifest, indent=2) + "\n")
     print(f"[pretrain] done in {time.monotonic() - started:.0f} s this session; models in {out}", file=sys.stderr)
