@@ -238,9 +238,10 @@ def _vae_stage(settings: PretrainSettings, work: Path, device: torch.device) -> 
     history = run_stage(Stage("vae", {"model": vae}, optimizer, step_fn), settings, work)
     vae = vae.cpu().eval()
     with torch.no_grad():
-        sample = (pool.images(torch.arange(1024)) * 2 - 1)
-        latents = torch.cat([vae.encode(sample[i:i + 128]).latent_dist.mean for i in range(0, 1024, 128)])
-        recon = torch.cat([vae.decode(latents[i:i + 128]).sample for i in range(0, 1024, 128)])
+        count = min(1024, len(pool.scenes))
+        sample = (pool.images(torch.arange(count)) * 2 - 1)
+        latents = torch.cat([vae.encode(sample[i:i + 128]).latent_dist.mean for i in range(0, count, 128)])
+        recon = torch.cat([vae.decode(latents[i:i + 128]).sample for i in range(0, count, 128)])
     vae.register_to_config(scaling_factor=round(1.0 / float(latents.std()), 5))
     _atomic_save_pretrained([vae], work / "vae")
     psnr = float(-10 * torch.log10(F.mse_loss((recon.clamp(-1, 1) + 1) / 2, (sample + 1) / 2)))
@@ -446,7 +447,8 @@ def pretrain(out_dir: str | Path, settings: PretrainSettings = PretrainSettings(
             continue
         needed = NEEDS.get(stage, ())
         if not all((work / f"{name}.json").is_file() for name in needed):
-            raise PretrainError(f"Stage `{stage}` needs the {' and '.join(f'`{n}`' for n in needed)} stage(s): "
+            names = " and ".join(f"`{name}`" for name in needed)
+            raise PretrainError(f"Stage `{stage}` needs the {names} stage{'s' if len(needed) > 1 else ''}: "
                                 "run them first (drop `--stages`).")
         print(f"[pretrain] stage {stage}: {settings.steps(stage)} steps", file=sys.stderr, flush=True)
         t0 = time.monotonic()
