@@ -16,7 +16,6 @@ import argparse
 import difflib
 import importlib.util
 import math
-import os
 import random
 import types
 import typing
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from flatlora_diffusion.files import write_text
 from flatlora_diffusion.flat_lora import SAMPLERS, SCHEDULES, FlatLoraConfig
 from flatlora_diffusion.typed_config import help_field as _f
 from flatlora_diffusion.typed_config import type_errors
@@ -504,14 +504,9 @@ class TrainConfig:
 
     def save_yaml(self, path: str | Path, header: str = "") -> Path:
         """Write every flag to ``path`` (atomically); ``--config`` of that file reproduces the run."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         text = "".join(f"# {line}\n" for line in header.splitlines())
         text += yaml.safe_dump(self.to_flags(), sort_keys=False, allow_unicode=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        return path
+        return write_text(path, text)
 
 
 def _build_flat(kwargs: dict) -> FlatLoraConfig:
