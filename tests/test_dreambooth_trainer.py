@@ -282,8 +282,11 @@ def test_latest_on_a_finished_run_changes_nothing_and_checkpoints_load_in_diffus
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     again = main(argv(tiny_sd_path, out, "--resume_from_checkpoint", "latest", steps=2))
     assert again.finished and again.losses == first.losses and again.summary().startswith(
-        "Nothing to do: the run was already complete at step 2 (raise `--max_train_steps`")
+        "Nothing to train: the run was already complete at step 2 (raise `--max_train_steps`")
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
+    (out / "README.md").unlink()  # as if killed after the last checkpoint, before the model card
+    main(argv(tiny_sd_path, out, "--resume_from_checkpoint", "latest", steps=2))
+    assert (out / "README.md").is_file() and all(torch.equal(final[k], v) for k, v in lora_tensors(out).items())
     extended = main(argv(tiny_sd_path, out, "--resume_from_checkpoint", "latest", steps=3))
     assert len(extended.losses) == 3 and extended.losses[:2] == first.losses
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]

@@ -184,9 +184,9 @@ def prune(output_dir: Path, keep: int | None) -> list[Path]:
 
 
 def finished_message(path: Path, step: int, max_train_steps: int) -> str:
-    """What a resume from a checkpoint at or past the last step says: nothing is trained or written."""
+    """What a resume from a checkpoint at or past the last step says (nothing is trained)."""
     return (f"`--resume_from_checkpoint` `{path}`: the run is complete at step {step} (`--max_train_steps` "
-            f"{max_train_steps}); nothing to train, nothing changed. To train further, raise `--max_train_steps` "
+            f"{max_train_steps}): nothing to train. To train further, raise `--max_train_steps` "
             f"above {step} and resume again.")
 
 

@@ -562,8 +562,11 @@ class DreamBoothTrainer:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        return {f"{name}.{key}": value for name, model in self.trained.items()
-                for key, value in convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=ADAPTER)).items()}
+        views = {}
+        for name, model in self.trained.items():
+            state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=ADAPTER))
+            views |= {f"{name}.{key}": value for key, value in state.items()}
+        return views
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint-STEP`` via a temporary folder and a rename; prune beyond the limit."""
@@ -722,13 +725,16 @@ class DreamBoothTrainer:
     def save(self) -> Path:
         """Write the adapter (+ kohya file, model card); then sample it reloaded from disk.
 
-        A finished run that is resumed keeps its files; only an adapter that its kill left unwritten
-        is written."""
+        A finished run that is resumed keeps its files; only an adapter that a kill after the last
+        checkpoint left unwritten is written."""
         from flatlora_diffusion import adapters
 
         acc = self.accelerator
         out = self.output_dir / adapters.WEIGHTS_NAME
         if acc.is_main_process and not (self.finished and self._adapter_saved()):
+            if self.finished:
+                logger.warning("`%s` lacks the adapter of step %d (the run was killed after its last checkpoint): "
+                               "writing it now.", self.output_dir, self.global_step)
             info = self._save_adapter(self.output_dir, kohya=self.config.checkpoint.output_kohya_format)
             images = self._final_validation() if self.config.validation.final_validation else []
             adapters.write_model_card(self.output_dir, info, images)
@@ -777,7 +783,7 @@ class DreamBoothTrainer:
         final = sorted((out / "validation" / "final").glob("*.png"))
         checkpoints = sorted((p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
                              key=lambda p: int(p.name.split("-")[-1]))
-        head = (f"Nothing to do: the run was already complete at step {self.global_step} (raise `--max_train_steps` "
+        head = (f"Nothing to train: the run was already complete at step {self.global_step} (raise `--max_train_steps` "
                 f"to train further). `{out}/` holds:" if self.finished else f"Done: {self.global_step} steps. Wrote `{out}/`:")
         lines = [head,
                  f"  pytorch_lora_weights.safetensors  the adapter: pipe.load_lora_weights({str(out)!r})",
