@@ -131,6 +131,7 @@ def save_adapter(
     training: Mapping[str, Any],
     kohya: bool = False,
     adapter_name: str = "default",
+    published_as: str | os.PathLike | None = None,
 ) -> AdapterInfo:
     """Write the LoRA adapter ``adapter_name`` of ``unet`` (and of any LoRA-wrapped text encoders).
 
@@ -139,7 +140,8 @@ def save_adapter(
     trainer's LoRA settings), ``flat_lora`` (``FlatLoraConfig.to_dict()`` or None) and ``training``
     (``instance_prompt``, ``steps``, ``seed``, ...) are stored verbatim. ``kohya`` also writes
     :data:`KOHYA_WEIGHTS_NAME`. Pass unwrapped models (``accelerator.unwrap_model``), not DDP or
-    compiled wrappers. Each file is written atomically, the weights first.
+    compiled wrappers. Each file is written atomically, the weights first. ``published_as``: the
+    folder's final path when ``output_dir`` is a temporary one renamed later (for the recorded path).
     """
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -157,9 +159,10 @@ def save_adapter(
     if kohya and any(cfg.get("use_dora") for cfg in configs.values()):
         raise AdapterError("`--output_kohya_format` does not support DoRA adapters (`--use_dora`); drop one of them.")
     out = Path(output_dir)
+    location = Path(published_as or out).resolve()
     info = AdapterInfo(
-        path=out.resolve(),
-        name=out.resolve().name,
+        path=location,
+        name=location.name,
         model_type=model_type_of(pipeline_class),
         base_model=str(base_model),
         prediction_type=prediction_type,
@@ -169,7 +172,7 @@ def save_adapter(
         lora=json.loads(_to_json(dict(lora_config))),
         flat_lora=json.loads(_to_json(dict(flat_lora))) if flat_lora is not None else None,
         training=json.loads(_to_json(dict(training))),
-        kohya_file=out.resolve() / KOHYA_WEIGHTS_NAME if kohya else None,
+        kohya_file=location / KOHYA_WEIGHTS_NAME if kohya else None,
     )
     # diffusers writes the weights into a scratch folder; each final file is then written atomically,
     # the weights first: they are the source of truth, the sidecar only mirrors them.

@@ -277,6 +277,11 @@ def test_latest_on_a_finished_run_changes_nothing_and_checkpoints_load_in_diffus
     pipe.unload_lora_weights()
     pipe.load_lora_weights(str(checkpoint))
     assert torch.equal(sample(), with_final) and (with_final - base).abs().max() > 1e-4
+    from flatlora_diffusion.adapters import find_adapters
+
+    found = {info.name: info for info in find_adapters([out])}  # what the app and the eval list
+    assert set(found) == {"checkpoint-2", "out"} and found["checkpoint-2"].training["steps"] == 2
+    assert json.loads((checkpoint / "adapter_info.json").read_text())["path"] == str(checkpoint.resolve())
 
     # `latest` on the finished run: nothing trained, no file touched; a higher step count trains on.
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}

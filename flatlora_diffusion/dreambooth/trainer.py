@@ -580,7 +580,7 @@ class DreamBoothTrainer:
         acc.wait_for_everyone()
         torch.save(ckpt.rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
         if acc.is_main_process:
-            self._save_adapter(tmp)
+            self._save_adapter(tmp, published_as=final)
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
             if acc.scaler is not None:
@@ -696,8 +696,9 @@ class DreamBoothTrainer:
                                             for image, prompt in zip(images, prompts, strict=True)]},
                             step=self.global_step)
 
-    def _save_adapter(self, folder: Path, kohya: bool = False):
-        """The LoRA weights as a diffusers adapter folder (weights + `adapter_info.json`); returns its info."""
+    def _save_adapter(self, folder: Path, kohya: bool = False, published_as: Path | None = None):
+        """The LoRA weights as a diffusers adapter folder (weights + `adapter_info.json`); returns its info.
+        `published_as`: the final name of a temporary `folder`."""
         import diffusers
 
         from flatlora_diffusion import adapters
@@ -719,7 +720,7 @@ class DreamBoothTrainer:
             prediction_type=c.noise_scheduler.config.prediction_type,
             lora_config=asdict(cfg.lora) | {"lora_alpha": cfg.lora.alpha},
             flat_lora=cfg.flat.to_dict() if cfg.flat.rho > 0 else None,
-            training=training, kohya=kohya, adapter_name=ADAPTER,
+            training=training, kohya=kohya, adapter_name=ADAPTER, published_as=published_as,
         )
 
     def save(self) -> Path:
