@@ -211,7 +211,7 @@ class DataConfig(_Section):
     dataloader_num_workers: int = _f(0, "Data-loading worker processes (0: load in the main process).")
     cache_latents: bool = _f(
         False, "Keep each image's VAE encoding after its first use instead of re-encoding it every epoch "
-               "(exact: a crop/flip seen before reuses its encoding)."
+               "(a crop/flip seen before reuses it; each image is encoded alone, so a resume is exact)."
     )
 
     def _check(self) -> list[str]:
@@ -326,11 +326,11 @@ class CheckpointConfig(_Section):
     """Where outputs go, periodic checkpoints and resuming."""
 
     output_dir: str = _f("flatlora-dreambooth-model", "Output folder: adapter, checkpoints, validation images, logs.")
-    checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N optimiser steps.")
+    checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N optimiser steps, and at the last step.")
     checkpoints_total_limit: int | None = _f(None, "Keep at most this many checkpoints (oldest deleted first).")
     resume_from_checkpoint: str | None = _f(
         None, "Resume from a checkpoint folder, or `latest` (the newest complete one in `--output_dir`; starts "
-              "fresh if there is none)."
+              "fresh if there is none; a finished run is left as it is)."
     )
     output_kohya_format: bool = _f(False, "Also write the adapter in kohya format (`pytorch_lora_weights_kohya.safetensors`).")
 
