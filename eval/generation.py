@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from eval.config import DreamBenchConfig, resolve_device
 from eval.dreambench import Subject
 from eval.errors import EvalError
+from flatlora_diffusion.files import save_image
 
 if TYPE_CHECKING:
     from flatlora_diffusion.sampling import SampleSettings
@@ -214,7 +215,7 @@ def generate_missing(tasks: list[ImageTask], todo: dict[int, list[int]], config:
                 for k, image in enumerate(images):
                     i = a + k
                     info = task.settings.for_image(i).to_png_info(task.extra)
-                    sampling.atomic_save_image(image, task.paths[i], pnginfo=info)
+                    save_image(image, task.paths[i], pnginfo=info)
                     written += 1
                 bar.update(b - a)
     del pipe

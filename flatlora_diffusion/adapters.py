@@ -21,8 +21,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +28,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from flatlora_diffusion import files
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ def save_adapter(
     training: Mapping[str, Any],
     kohya: bool = False,
     adapter_name: str = "default",
+    published_as: str | os.PathLike | None = None,
 ) -> AdapterInfo:
     """Write the LoRA adapter ``adapter_name`` of ``unet`` (and of any LoRA-wrapped text encoders).
 
@@ -139,7 +140,8 @@ def save_adapter(
     trainer's LoRA settings), ``flat_lora`` (``FlatLoraConfig.to_dict()`` or None) and ``training``
     (``instance_prompt``, ``steps``, ``seed``, ...) are stored verbatim. ``kohya`` also writes
     :data:`KOHYA_WEIGHTS_NAME`. Pass unwrapped models (``accelerator.unwrap_model``), not DDP or
-    compiled wrappers. Files are written to a temporary folder, then renamed into place.
+    compiled wrappers. Each file is written atomically, the weights first. ``published_as``: the
+    folder's final path when ``output_dir`` is a temporary one renamed later (for the recorded path).
     """
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -157,9 +159,10 @@ def save_adapter(
     if kohya and any(cfg.get("use_dora") for cfg in configs.values()):
         raise AdapterError("`--output_kohya_format` does not support DoRA adapters (`--use_dora`); drop one of them.")
     out = Path(output_dir)
+    location = Path(published_as or out).resolve()
     info = AdapterInfo(
-        path=out.resolve(),
-        name=out.resolve().name,
+        path=location,
+        name=location.name,
         model_type=model_type_of(pipeline_class),
         base_model=str(base_model),
         prediction_type=prediction_type,
@@ -169,28 +172,22 @@ def save_adapter(
         lora=json.loads(_to_json(dict(lora_config))),
         flat_lora=json.loads(_to_json(dict(flat_lora))) if flat_lora is not None else None,
         training=json.loads(_to_json(dict(training))),
-        kohya_file=out.resolve() / KOHYA_WEIGHTS_NAME if kohya else None,
+        kohya_file=location / KOHYA_WEIGHTS_NAME if kohya else None,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out))
-    try:
+    # diffusers writes the weights into a scratch folder; each final file is then written atomically,
+    # the weights first: they are the source of truth, the sidecar only mirrors them.
+    with files.scratch_dir(out / "adapter") as tmp:
         pipeline_class.save_lora_weights(
             tmp,
             **{f"{name}_lora_layers": convert_state_dict_to_diffusers(state) for name, state in peft_states.items()},
             **{f"{name}_lora_adapter_metadata": cfg for name, cfg in configs.items()},
         )
-        _add_metadata(tmp / WEIGHTS_NAME, {METADATA_KEY: _to_json(info._facts())})
-        if kohya:
-            _save_kohya(tmp / KOHYA_WEIGHTS_NAME, peft_states, models, adapter_name, info)
-        (tmp / INFO_NAME).write_text(_to_json(info.to_dict(), indent=2) + "\n", encoding="utf-8")
-        # The weights first: they are the source of truth, the sidecar only mirrors them.
-        for filename in (WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, INFO_NAME):
-            if (tmp / filename).exists():
-                os.replace(tmp / filename, out / filename)
-        if not kohya:  # a kohya file of an earlier save would no longer match the weights
-            (out / KOHYA_WEIGHTS_NAME).unlink(missing_ok=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _copy_with_metadata(tmp / WEIGHTS_NAME, out / WEIGHTS_NAME, {METADATA_KEY: _to_json(info._facts())})
+    if kohya:
+        _save_kohya(out / KOHYA_WEIGHTS_NAME, peft_states, models, adapter_name, info)
+    else:  # a kohya file of an earlier save would no longer match the weights
+        (out / KOHYA_WEIGHTS_NAME).unlink(missing_ok=True)
+    files.write_text(out / INFO_NAME, _to_json(info.to_dict(), indent=2) + "\n")
     return info
 
 
@@ -215,15 +212,14 @@ def _component_summary(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _add_metadata(path: Path, extra: Mapping[str, str]) -> None:
-    """Rewrite the safetensors file ``path`` with ``extra`` added to its header metadata."""
+def _copy_with_metadata(source: Path, dest: Path, extra: Mapping[str, str]) -> None:
+    """Write the safetensors file ``source`` to ``dest`` with ``extra`` added to its header metadata."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    with safe_open(str(path), framework="pt") as handle:
+    with safe_open(str(source), framework="pt") as handle:
         metadata = dict(handle.metadata() or {})
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    save_file(tensors, str(path), metadata={**metadata, **extra})
+    files.save_safetensors(tensors, dest, {**metadata, **extra})
 
 
 def _save_kohya(path: Path, peft_states, models, adapter_name: str, info: AdapterInfo) -> None:
@@ -234,7 +230,6 @@ def _save_kohya(path: Path, peft_states, models, adapter_name: str, info: Adapte
     """
     from diffusers.utils import convert_state_dict_to_kohya
     from peft.tuners.lora import LoraLayer
-    from safetensors.torch import save_file
 
     te_prefix = {"text_encoder": "lora_te1_" if "text_encoder_2" in models else "lora_te_", "text_encoder_2": "lora_te2_"}
     merged = {f"{name}.{key}": value for name, state in peft_states.items() for key, value in state.items()}
@@ -251,7 +246,7 @@ def _save_kohya(path: Path, peft_states, models, adapter_name: str, info: Adapte
                 alpha = module.scaling[adapter_name] * module.r[adapter_name]
                 kohya_state[key] = torch.tensor(float(alpha))
     metadata = {"ss_network_module": "networks.lora", METADATA_KEY: _to_json(info._facts())}
-    save_file({k: v.contiguous() for k, v in kohya_state.items()}, str(path), metadata=metadata)
+    files.save_safetensors(kohya_state, path, metadata)
 
 
 def read_adapter_info(adapter_dir: str | os.PathLike) -> AdapterInfo:
@@ -448,8 +443,8 @@ def write_model_card(
     if outside:
         raise AdapterError(f"Validation images must be inside `{out}` to be shown in the model card: {outside}.")
     info.validation_images = images
-    write_text_atomic(out / INFO_NAME, _to_json(info.to_dict(), indent=2) + "\n")
-    return write_text_atomic(out / CARD_NAME, _card_text(info))
+    files.write_text(out / INFO_NAME, _to_json(info.to_dict(), indent=2) + "\n")
+    return files.write_text(out / CARD_NAME, _card_text(info))
 
 
 def _card_text(info: AdapterInfo) -> str:
@@ -522,17 +517,3 @@ def _cell(value: Any) -> str:
 
 def _relative(path: Path, root: Path) -> str:
     return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` via a temporary sibling and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

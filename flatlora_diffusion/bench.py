@@ -34,6 +34,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
+from flatlora_diffusion.files import write_text
 from flatlora_diffusion.flat_lora import FlatLoraConfig, FlatLoraPerturber, mix_seed
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -377,9 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _write_json(path: Path, result: dict) -> None:
     """Write ``result`` to ``path`` through a temporary file, so a crash never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    write_text(path, json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,36 @@
-"""Atomic file writes, the one helper every module uses: a file is either complete or absent, never half-written."""
+"""Atomic file writes, the one helper every module uses: a file is either complete or absent, never half-written.
+
+Everything written here gets the permissions a plain ``open`` / ``mkdir`` would give under the
+process umask (``tempfile`` and safetensors make 0600 files, 0700 folders). Temporary files and
+folders are hidden siblings named ``.NAME.XXXXXXXX.tmp``; :func:`remove_stale` deletes the ones a
+killed process left.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
 _UMASK = os.umask(0o022)  # read the process umask (there is no getter) ...
 os.umask(_UMASK)  # ... and put it back
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # what `tempfile` makes from our prefix and suffix
+
+
+def _temporary_names(path: Path) -> dict:
+    return {"prefix": f".{path.name}.", "suffix": ".tmp", "dir": path.parent}
+
+
+def _set_modes(root: Path) -> None:
+    """Give `root` and everything under it the permissions `open` / `mkdir` would under the umask."""
+    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        executable = path.is_dir() or path.stat().st_mode & 0o111
+        os.chmod(path, (0o777 if executable else 0o666) & ~_UMASK)
 
 
 @contextlib.contextmanager
@@ -21,9 +41,9 @@ def atomic_open(path: str | Path, mode: str = "w", *, fsync: bool = True, **kwar
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(**_temporary_names(path))
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions `open` would
+        _set_modes(Path(tmp))
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle
             if fsync:
@@ -36,6 +56,49 @@ def atomic_open(path: str | Path, mode: str = "w", *, fsync: bool = True, **kwar
         raise
 
 
+@contextlib.contextmanager
+def scratch_dir(near: str | Path) -> Iterator[Path]:
+    """An empty hidden folder beside `near` for other libraries to write into; removed on exit."""
+    near = Path(near)
+    near.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(**_temporary_names(near)))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Fill a hidden sibling of folder `path`; it replaces `path` as a whole only if the body succeeds."""
+    path = Path(path)
+    with scratch_dir(path) as tmp:
+        yield tmp
+        _set_modes(tmp)
+        if not path.exists():
+            os.replace(tmp, path)
+            return
+        with scratch_dir(path) as old:
+            os.replace(path, old)  # a folder may be renamed onto an empty one
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+
+
+def remove_stale(folder: str | Path) -> list[Path]:
+    """Delete the temporary files and folders that killed writers left directly in `folder`."""
+    root = Path(folder)
+    stale = [p for p in root.iterdir() if _TEMPORARY.match(p.name)] if root.is_dir() else []
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write `text` (UTF-8) to `path` atomically."""
     with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
@@ -43,13 +106,28 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def save_image(image, path: str | Path) -> Path:
-    """Save a PIL image atomically; the format follows the suffix of `path`."""
+def save_image(image, path: str | Path, **save_kwargs) -> Path:
+    """Save a PIL image atomically; the format follows the suffix of `path` (PNG if unknown).
+
+    `save_kwargs` go to `Image.save` (e.g. `pnginfo`).
+    """
+    from PIL import Image
+
     path = Path(path)
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
     with atomic_open(path, "wb") as handle:
-        image.save(handle, format=fmt)
+        image.save(handle, format=fmt, **save_kwargs)
     return path
+
+
+def save_safetensors(tensors: Mapping, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write torch tensors as a safetensors file atomically (safetensors' own `save_file` makes it 0600)."""
+    from safetensors.torch import save
+
+    data = save({key: value.contiguous() for key, value in tensors.items()}, metadata=dict(metadata) if metadata else None)
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+    return Path(path)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -28,6 +27,8 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import nn
+
+from flatlora_diffusion.files import save_image
 
 # name -> (diffusers scheduler class name, config overrides). The overrides are explicit so that
 # switching back and forth never keeps a setting of the previous scheduler (e.g. Karras sigmas).
@@ -325,20 +326,6 @@ def save_images(
     paths = []
     for index, image in enumerate(images):
         path = out / f"{stem}_{index:03d}.png"
-        atomic_save_image(image, path, pnginfo=settings.for_image(index).to_png_info(extra))
+        save_image(image, path, pnginfo=settings.for_image(index).to_png_info(extra))
         paths.append(path)
     return paths
-
-
-def atomic_save_image(image: Image.Image, path: str | os.PathLike, **save_kwargs) -> Path:
-    """Save ``image`` to ``path`` via a temporary sibling and a rename (format from the suffix)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format=Image.registered_extensions()[path.suffix.lower()], **save_kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

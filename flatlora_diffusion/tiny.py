@@ -16,13 +16,13 @@ writes byte-identical weight files.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from flatlora_diffusion import files
 
 KINDS = ("sd", "sdxl", "clip", "dino", "llama")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -54,21 +54,8 @@ def _atomic_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
             f"Output directory `{out}` exists and is not empty. "
             "Choose another directory or pass `--overwrite` (`overwrite=True`) to replace it."
         )
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # left over by a crashed run of a recycled pid
-    tmp.mkdir(parents=True)
-    try:
+    with files.atomic_dir(out) as tmp:
         yield tmp
-        if out.exists():
-            # Move the old model aside first so `out` is never half old, half new.
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _byte_chars() -> list[str]:

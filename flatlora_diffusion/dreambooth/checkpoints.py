@@ -2,15 +2,17 @@
 
 A checkpoint ``OUTPUT_DIR/checkpoint-STEP/`` holds::
 
-    lora.safetensors          # every trainable (LoRA) tensor, keyed `unet.<param>`, `text_encoder.<param>`...
+    pytorch_lora_weights.safetensors  # the LoRA weights, in the final adapter's diffusers format:
+    adapter_info.json                 #   `pipe.load_lora_weights(checkpoint)`, the eval and the app read it
     optimizer.pt              # optimiser state (tensors and numbers only: loaded with weights_only=True)
     lr_scheduler.pt           # learning-rate scheduler state
     scaler.pt                 # fp16 gradient scaler state (fp16 runs only)
     rng_state_<RANK>.pt       # python, numpy, torch (and CUDA) generator states of each process
     trainer_state.json        # step, epoch, position in the epoch, seed, ... -- written last
 
-The Flat-LoRA perturbation is stateless (a function of the seed and the optimiser step), so the
-step in ``trainer_state.json`` is all it needs.
+A checkpoint is written every ``--checkpointing_steps`` steps and at the last step, so that
+``latest`` on a finished run finds it complete. The Flat-LoRA perturbation is stateless (a
+function of the seed and the optimiser step), so the step in ``trainer_state.json`` is all it needs.
 """
 
 from __future__ import annotations
@@ -25,10 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flatlora_diffusion import files
+from flatlora_diffusion.adapters import WEIGHTS_NAME
+
 STATE_NAME = "trainer_state.json"
-LORA_NAME = "lora.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: peft-named `lora.safetensors`
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_TEMPORARY = re.compile(r"^\.checkpoint-\d+\.(tmp|deleting)$")  # `temporary_dir` and `remove`
+_OLD_ADAPTER_TEMPORARY = re.compile(r"^\.adapter-[a-z0-9_]{8}$")  # what versions before files.scratch_dir left
 
 
 class CheckpointError(ValueError):
@@ -78,9 +84,14 @@ def read_state(path: Path) -> dict:
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{flag} is corrupted: `{STATE_NAME}` is unreadable ({err}). Use an older "
                               "checkpoint.") from err
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if isinstance(version, int) and version < FORMAT_VERSION:
+        raise CheckpointError(f"{flag} was written by an earlier version of this trainer (checkpoint format "
+                              f"{version}, this one reads {FORMAT_VERSION}); resume it with that version, or start "
+                              "a new run.")
+    if version != FORMAT_VERSION:
         raise CheckpointError(f"{flag}: `{STATE_NAME}` is not a checkpoint state of this trainer.")
-    missing = [name for name in (LORA_NAME, "optimizer.pt", "lr_scheduler.pt") if not (path / name).is_file()]
+    missing = [name for name in (WEIGHTS_NAME, "optimizer.pt", "lr_scheduler.pt") if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f"{flag} is corrupted: {', '.join(f'`{m}`' for m in missing)} missing. "
                               "Use an older checkpoint.")
@@ -88,15 +99,15 @@ def read_state(path: Path) -> dict:
 
 
 def load_tensors(path: Path, expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """The checkpoint's LoRA tensors, checked against the names and shapes of the model's."""
+    """The checkpoint's LoRA tensors (diffusers names), checked against the names and shapes of the model's."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     flag = f"`--resume_from_checkpoint` `{path}`"
     try:
-        tensors = load_file(str(path / LORA_NAME))
+        tensors = load_file(str(path / WEIGHTS_NAME))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{flag} is corrupted: `{LORA_NAME}` cannot be read ({err}). Use an older "
+        raise CheckpointError(f"{flag} is corrupted: `{WEIGHTS_NAME}` cannot be read ({err}). Use an older "
                               "checkpoint.") from err
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     wrong = sorted(k for k in set(expected) & set(tensors) if tensors[k].shape != expected[k])
@@ -170,3 +181,22 @@ def prune(output_dir: Path, keep: int | None) -> list[Path]:
     for path in doomed:
         remove(path)
     return doomed
+
+
+def finished_message(path: Path, step: int, max_train_steps: int) -> str:
+    """What a resume from a checkpoint at or past the last step says (nothing is trained)."""
+    return (f"`--resume_from_checkpoint` `{path}`: the run is complete at step {step} (`--max_train_steps` "
+            f"{max_train_steps}): nothing to train. To train further, raise `--max_train_steps` "
+            f"above {step} and resume again.")
+
+
+def clean_output_dir(output_dir: Path) -> list[Path]:
+    """Delete the temporary files and folders that killed runs left in the output dir (only names this
+    tool makes: hidden checkpoint and adapter folders, `files` temporaries, also in `validation/*/`)."""
+    if not output_dir.is_dir():
+        return []
+    stale = [p for p in output_dir.iterdir() if _TEMPORARY.match(p.name) or _OLD_ADAPTER_TEMPORARY.match(p.name)]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    folders = [output_dir, *sorted(p for p in (output_dir / "validation").glob("*") if p.is_dir())]
+    return stale + [path for folder in folders for path in files.remove_stale(folder)]

@@ -16,7 +16,6 @@ import argparse
 import difflib
 import importlib.util
 import math
-import os
 import random
 import types
 import typing
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from flatlora_diffusion.files import write_text
 from flatlora_diffusion.flat_lora import SAMPLERS, SCHEDULES, FlatLoraConfig
 from flatlora_diffusion.typed_config import help_field as _f
 from flatlora_diffusion.typed_config import type_errors
@@ -211,7 +211,7 @@ class DataConfig(_Section):
     dataloader_num_workers: int = _f(0, "Data-loading worker processes (0: load in the main process).")
     cache_latents: bool = _f(
         False, "Keep each image's VAE encoding after its first use instead of re-encoding it every epoch "
-               "(exact: a crop/flip seen before reuses its encoding)."
+               "(a crop/flip seen before reuses it; each image is encoded alone, so a resume is exact)."
     )
 
     def _check(self) -> list[str]:
@@ -326,11 +326,11 @@ class CheckpointConfig(_Section):
     """Where outputs go, periodic checkpoints and resuming."""
 
     output_dir: str = _f("flatlora-dreambooth-model", "Output folder: adapter, checkpoints, validation images, logs.")
-    checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N optimiser steps.")
+    checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N optimiser steps, and at the last step.")
     checkpoints_total_limit: int | None = _f(None, "Keep at most this many checkpoints (oldest deleted first).")
     resume_from_checkpoint: str | None = _f(
         None, "Resume from a checkpoint folder, or `latest` (the newest complete one in `--output_dir`; starts "
-              "fresh if there is none)."
+              "fresh if there is none; a finished run is left as it is)."
     )
     output_kohya_format: bool = _f(False, "Also write the adapter in kohya format (`pytorch_lora_weights_kohya.safetensors`).")
 
@@ -504,14 +504,9 @@ class TrainConfig:
 
     def save_yaml(self, path: str | Path, header: str = "") -> Path:
         """Write every flag to ``path`` (atomically); ``--config`` of that file reproduces the run."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         text = "".join(f"# {line}\n" for line in header.splitlines())
         text += yaml.safe_dump(self.to_flags(), sort_keys=False, allow_unicode=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        return path
+        return write_text(path, text)
 
 
 def _build_flat(kwargs: dict) -> FlatLoraConfig:

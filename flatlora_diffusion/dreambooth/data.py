@@ -487,7 +487,8 @@ def generate_class_images(
     is written as ``class_{i:05d}_{hash}.png`` via a temporary file as soon as its batch is done.
     Returns the new files.
     """
-    from flatlora_diffusion.sampling import SampleSettings, atomic_save_image, generate
+    from flatlora_diffusion.files import save_image
+    from flatlora_diffusion.sampling import SampleSettings, generate
 
     if not isinstance(num_class_images, int) or num_class_images < 1:
         raise DataError(f"`--num_class_images` must be a positive integer, got {num_class_images!r}.")
@@ -509,5 +510,5 @@ def generate_class_images(
         for offset, image in enumerate(generate(pipe, settings, batch_size=count)):
             digest = hashlib.sha1(image.tobytes()).hexdigest()[:12]
             path = folder / f"class_{start + offset:05d}_{digest}.png"
-            written.append(atomic_save_image(image, path, pnginfo=settings.for_image(offset).to_png_info()))
+            written.append(save_image(image, path, pnginfo=settings.for_image(offset).to_png_info()))
     return written

@@ -82,6 +82,7 @@ class DreamBoothTrainer:
         self.epoch = 0
         self.batches_done = 0  # batches of `self.epoch` already trained on (this process)
         self.last_checkpoint: Path | None = None
+        self.finished = False  # resumed from a checkpoint at the last step: nothing to train or write
         self.losses: list[float] = []  # per optimiser step, averaged over micro-batches and processes
         self.logs: list[dict] = []  # what was logged at each optimiser step
 
@@ -95,6 +96,10 @@ class DreamBoothTrainer:
         cfg = self.config
         self.accelerator = self._setup_accelerator()
         self.weight_dtype = WEIGHT_DTYPES[self.accelerator.mixed_precision]
+        if self.accelerator.is_main_process:
+            for path in ckpt.clean_output_dir(self.output_dir):
+                logger.info("Removed `%s`, left by a killed run.", path)
+        self.accelerator.wait_for_everyone()
         self.model_path, self.resume_dir = self._check_inputs()
         self._setup_seed()
         self.components = self._setup_models()
@@ -117,6 +122,10 @@ class DreamBoothTrainer:
                 self._load_checkpoint(self.resume_dir)
             except ckpt.CheckpointError as err:
                 raise DreamBoothError([str(err)]) from err
+        self.finished = self.resume_dir is not None and self.global_step >= self.max_train_steps
+        if self.finished:
+            logger.warning(ckpt.finished_message(self.resume_dir, self.global_step, self.max_train_steps))
+            return  # nothing to train: the trackers and `config.yaml` stay as they are
         self._setup_trackers()
 
     def _setup_accelerator(self):
@@ -369,6 +378,8 @@ class DreamBoothTrainer:
     # train
 
     def train(self) -> None:
+        if self.finished:
+            return
         cfg, acc = self.config, self.accelerator
         total_batch = cfg.optim.train_batch_size * acc.num_processes * cfg.optim.gradient_accumulation_steps
         logger.info("Training %s for %d steps (%d epochs, %d images, total batch %d), Flat-LoRA rho=%g (%s)%s.",
@@ -464,13 +475,13 @@ class DreamBoothTrainer:
 
     def _cached_posterior(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """`_encode` through a cache keyed by the data's `cache_keys` (equal keys: equal pixels, so the
-        same crop and flip); entries live on the CPU."""
+        same crop and flip); entries live on the CPU. Each image is encoded alone: VAE outputs vary
+        with the batch (~1e-6), and a resumed run first meets an image in another batch."""
         keys = batch["cache_keys"]
-        missing = [i for i, key in enumerate(keys) if key not in self._latent_cache]
-        if missing:
-            mean, std = self._encode(batch["pixel_values"][missing])
-            for row, i in enumerate(missing):
-                self._latent_cache[keys[i]] = (mean[row].float().cpu(), std[row].float().cpu())
+        for i, key in enumerate(keys):
+            if key not in self._latent_cache:
+                mean, std = self._encode(batch["pixel_values"][i:i + 1])
+                self._latent_cache[key] = (mean[0].float().cpu(), std[0].float().cpu())
         mean = torch.stack([self._latent_cache[key][0] for key in keys])
         std = torch.stack([self._latent_cache[key][1] for key in keys])
         return mean, std
@@ -526,10 +537,11 @@ class DreamBoothTrainer:
         progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", rho_t=f"{logs['flat_lora/rho_t']:.3g}")
         acc.log(logs, step=self.global_step)
         self.logs.append(logs)
-        if self.global_step >= self.max_train_steps:
+        last = self.global_step >= self.max_train_steps
+        if last or self.global_step % cfg.checkpoint.checkpointing_steps == 0:
+            self.save_checkpoint()  # at the last step too: `latest` then knows the run is complete
+        if last:
             return  # the final save and validation follow
-        if self.global_step % cfg.checkpoint.checkpointing_steps == 0:
-            self.save_checkpoint()
         steps = cfg.validation.validation_steps
         if steps and self.global_step % steps == 0:
             self.validate(f"step-{self.global_step:06d}")
@@ -544,15 +556,20 @@ class DreamBoothTrainer:
     # ------------------------------------------------------------------------------------------
     # checkpoints
 
-    def _lora_state(self) -> dict[str, torch.Tensor]:
-        return {f"{name}.{param_name}": param.detach().float().cpu().contiguous()
-                for name, model in self.trained.items()
-                for param_name, param in model.named_parameters() if param.requires_grad}
+    def _lora_views(self) -> dict[str, torch.Tensor]:
+        """Every trained tensor under its name in `pytorch_lora_weights.safetensors` (diffusers format),
+        as a view of the parameter: copying into the views loads a checkpoint."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        views = {}
+        for name, model in self.trained.items():
+            state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=ADAPTER))
+            views |= {f"{name}.{key}": value for key, value in state.items()}
+        return views
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint-STEP`` via a temporary folder and a rename; prune beyond the limit."""
-        from safetensors.torch import save_file
-
         acc = self.accelerator
         final = self.output_dir / f"checkpoint-{self.global_step}"
         tmp = ckpt.temporary_dir(self.output_dir, self.global_step)
@@ -563,7 +580,7 @@ class DreamBoothTrainer:
         acc.wait_for_everyone()
         torch.save(ckpt.rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
         if acc.is_main_process:
-            save_file(self._lora_state(), str(tmp / ckpt.LORA_NAME))
+            self._save_adapter(tmp, published_as=final)
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
             if acc.scaler is not None:
@@ -589,8 +606,8 @@ class DreamBoothTrainer:
     def _load_checkpoint(self, path: Path) -> None:
         """Restore LoRA weights, optimiser, scheduler, scaler, RNG and the position in the data."""
         state = ckpt.read_state(path)
-        expected = {k: v.shape for k, v in self._lora_state().items()}
-        tensors = ckpt.load_tensors(path, expected)
+        views = self._lora_views()
+        tensors = ckpt.load_tensors(path, {k: v.shape for k, v in views.items()})
         optimizer_state = ckpt.load_torch(path, "optimizer.pt")
         scheduler_state = ckpt.load_torch(path, "lr_scheduler.pt")
         rank = self.accelerator.process_index
@@ -601,10 +618,9 @@ class DreamBoothTrainer:
         except (ValueError, KeyError) as err:
             raise DreamBoothError([f"`--resume_from_checkpoint` `{path}`: the optimiser state does not fit this run "
                                    f"({err}); resume with the same `--optimizer` and `--train_text_encoder`."]) from err
-        params = dict(self._named_trainable())
         with torch.no_grad():
             for key, tensor in tensors.items():
-                params[key].copy_(tensor)
+                views[key].copy_(tensor)
         self.lr_scheduler.load_state_dict(scheduler_state)
         if self.accelerator.scaler is not None and (path / "scaler.pt").is_file():
             self.accelerator.scaler.load_state_dict(ckpt.load_torch(path, "scaler.pt"))
@@ -618,12 +634,6 @@ class DreamBoothTrainer:
         self.last_checkpoint = path
         logger.info("Resumed from `%s` at step %d (epoch %d, batch %d).", path, self.global_step, self.epoch,
                     self.batches_done)
-
-    def _named_trainable(self):
-        for name, model in self.trained.items():
-            for param_name, param in model.named_parameters():
-                if param.requires_grad:
-                    yield f"{name}.{param_name}", param
 
     # ------------------------------------------------------------------------------------------
     # validation and saving
@@ -686,39 +696,62 @@ class DreamBoothTrainer:
                                             for image, prompt in zip(images, prompts, strict=True)]},
                             step=self.global_step)
 
+    def _save_adapter(self, folder: Path, kohya: bool = False, published_as: Path | None = None):
+        """The LoRA weights as a diffusers adapter folder (weights + `adapter_info.json`); returns its info.
+        `published_as`: the final name of a temporary `folder`."""
+        import diffusers
+
+        from flatlora_diffusion import adapters
+
+        cfg, c = self.config, self.components
+        training = {
+            "instance_prompt": cfg.data.instance_prompt, "class_prompt": cfg.data.class_prompt,
+            "with_prior_preservation": cfg.data.with_prior_preservation, "steps": self.global_step,
+            "seed": self.seed, "learning_rate": cfg.optim.learning_rate, "lr_scheduler": cfg.optim.lr_scheduler,
+            "train_batch_size": cfg.optim.train_batch_size, "num_processes": self.accelerator.num_processes,
+            "gradient_accumulation_steps": cfg.optim.gradient_accumulation_steps,
+            "resolution": cfg.data.resolution, "mixed_precision": self.accelerator.mixed_precision,
+            "final_loss": self.losses[-1] if self.losses else None,
+        }
+        return adapters.save_adapter(
+            folder, pipeline_class=getattr(diffusers, c.family.pipeline_class), unet=c.unet,
+            text_encoders={name: model for name, model in self.trained.items() if name != "unet"},
+            base_model=cfg.model.pretrained_model_name_or_path,
+            prediction_type=c.noise_scheduler.config.prediction_type,
+            lora_config=asdict(cfg.lora) | {"lora_alpha": cfg.lora.alpha},
+            flat_lora=cfg.flat.to_dict() if cfg.flat.rho > 0 else None,
+            training=training, kohya=kohya, adapter_name=ADAPTER, published_as=published_as,
+        )
+
     def save(self) -> Path:
-        """Write the adapter (+ kohya file, model card); then sample it reloaded from disk."""
+        """Write the adapter (+ kohya file, model card); then sample it reloaded from disk.
+
+        A finished run that is resumed keeps its files; only an adapter that a kill after the last
+        checkpoint left unwritten is written."""
         from flatlora_diffusion import adapters
 
         acc = self.accelerator
         out = self.output_dir / adapters.WEIGHTS_NAME
-        if acc.is_main_process:
-            import diffusers
-
-            cfg, c = self.config, self.components
-            training = {
-                "instance_prompt": cfg.data.instance_prompt, "class_prompt": cfg.data.class_prompt,
-                "with_prior_preservation": cfg.data.with_prior_preservation, "steps": self.global_step,
-                "seed": self.seed, "learning_rate": cfg.optim.learning_rate, "lr_scheduler": cfg.optim.lr_scheduler,
-                "train_batch_size": cfg.optim.train_batch_size, "num_processes": acc.num_processes,
-                "gradient_accumulation_steps": cfg.optim.gradient_accumulation_steps,
-                "resolution": cfg.data.resolution, "mixed_precision": acc.mixed_precision,
-                "final_loss": self.losses[-1] if self.losses else None,
-            }
-            info = adapters.save_adapter(
-                self.output_dir, pipeline_class=getattr(diffusers, c.family.pipeline_class), unet=c.unet,
-                text_encoders={name: model for name, model in self.trained.items() if name != "unet"},
-                base_model=cfg.model.pretrained_model_name_or_path,
-                prediction_type=c.noise_scheduler.config.prediction_type,
-                lora_config=asdict(cfg.lora) | {"lora_alpha": cfg.lora.alpha},
-                flat_lora=cfg.flat.to_dict() if cfg.flat.rho > 0 else None,
-                training=training, kohya=cfg.checkpoint.output_kohya_format, adapter_name=ADAPTER,
-            )
-            images = self._final_validation() if cfg.validation.final_validation else []
+        if acc.is_main_process and not (self.finished and self._adapter_saved()):
+            if self.finished:
+                logger.warning("`%s` lacks the adapter of step %d (the run was killed after its last checkpoint): "
+                               "writing it now.", self.output_dir, self.global_step)
+            info = self._save_adapter(self.output_dir, kohya=self.config.checkpoint.output_kohya_format)
+            images = self._final_validation() if self.config.validation.final_validation else []
             adapters.write_model_card(self.output_dir, info, images)
             logger.info("Saved the adapter to `%s`.", out)
         acc.wait_for_everyone()
         return out
+
+    def _adapter_saved(self) -> bool:
+        """Whether the output dir holds this step's adapter and its model card (the last file written)."""
+        from flatlora_diffusion import adapters
+
+        try:
+            info = adapters.read_adapter_info(self.output_dir)
+        except adapters.AdapterError:
+            return False
+        return info.training.get("steps") == self.global_step and (self.output_dir / adapters.CARD_NAME).is_file()
 
     def _final_validation(self) -> list[Path]:
         """Load the saved adapter into a fresh pipeline through the public API and sample it."""
@@ -751,13 +784,16 @@ class DreamBoothTrainer:
         final = sorted((out / "validation" / "final").glob("*.png"))
         checkpoints = sorted((p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
                              key=lambda p: int(p.name.split("-")[-1]))
-        lines = [f"Done: {self.global_step} steps. Wrote `{out}/`:",
+        head = (f"Nothing to train: the run was already complete at step {self.global_step} (raise `--max_train_steps` "
+                f"to train further). `{out}/` holds:" if self.finished else f"Done: {self.global_step} steps. Wrote `{out}/`:")
+        lines = [head,
                  f"  pytorch_lora_weights.safetensors  the adapter: pipe.load_lora_weights({str(out)!r})",
                  "  README.md, adapter_info.json      model card and settings; config.yaml reruns the run with --config"]
         if final:
             lines.append(f"  validation/final/                 {len(final)} image(s) of the adapter reloaded from disk")
         if checkpoints:
-            lines.append(f"  {checkpoints[-1].name + '/':<33} resume with --resume_from_checkpoint latest")
+            lines.append(f"  {checkpoints[-1].name + '/':<33} the last checkpoint, also an adapter folder; "
+                         "--resume_from_checkpoint latest with a higher --max_train_steps trains on")
         q = shlex.quote
         lines += ["Next:", f"  python app.py --base {q(base)} --adapters {q(str(out))}    # base and adapter side by side"]
         instance = Path(cfg.data.instance_data_dir or "")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from flatlora_diffusion.files import write_text
 from flatlora_diffusion.flat_lora import FlatLoraConfig
 from flatlora_diffusion.typed_config import help_field as _f
 from flatlora_diffusion.typed_config import type_ok as _type_ok
@@ -287,14 +288,9 @@ class LLMTrainConfig:
 
     def save_yaml(self, path: str | Path, header: str = "") -> Path:
         """Write the resolved config; `load_config(["--config", path])` rebuilds it."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         text = "".join(f"# {line}\n" for line in header.splitlines())
         text += yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return write_text(path, text)
 
 
 # ---------------------------------------------------------------------------------------------

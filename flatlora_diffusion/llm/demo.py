@@ -20,6 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
+from flatlora_diffusion.files import write_text
 from flatlora_diffusion.llm.config import LLMError, load_config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "llm_demo.yaml"
@@ -32,7 +33,6 @@ def score_gsm8k(model: str | Path, adapter: str | Path, data: str | Path, out: s
     from eval.config import GSM8KConfig
     from eval.gsm8k import evaluate, load_examples
     from eval.llm import load_causal_lm
-    from flatlora_diffusion.files import write_text
 
     config = GSM8KConfig(model=str(model), adapter=str(adapter), data=str(data), **settings)
     examples, fewshot = load_examples(config)
@@ -86,7 +86,5 @@ def run_demo(out_dir: str | Path, *, max_steps: int | None = None, n_train: int 
                       "adapter": summary["adapter"]}
     results = {"runs": runs, "model": str(model), "train_data": str(train_file), "test_data": str(test_file),
                "config": str(config_file), "seed": seed, "seconds": round(time.perf_counter() - start, 1)}
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out / "results.json")
+    write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results

@@ -20,6 +20,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+from flatlora_diffusion.files import write_text
 from flatlora_diffusion.llm.config import LLMError
 
 _NAMES = [("Mia", "She"), ("Tom", "He"), ("Ava", "She"), ("Leo", "He"), ("Zoe", "She"), ("Sam", "He"),
@@ -87,12 +88,7 @@ def make_problems(n: int, seed: int = 0, *, max_number: int = 9, kinds: tuple[st
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     """Write `rows` as JSON lines, atomically (a temporary sibling renamed over `path`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_splits(out_dir: str | Path, n_train: int = 2000, n_test: int = 200, seed: int = 0,

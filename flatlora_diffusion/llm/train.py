@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flatlora_diffusion.files import write_text
 from flatlora_diffusion.llm.config import ConfigError, LLMError, LLMTrainConfig
 from flatlora_diffusion.llm.data import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE, Collator, build_datasets
 
@@ -356,9 +357,7 @@ class LLMRecipe:
                                                 revision=m.revision, trust_remote_code=m.trust_remote_code))
         summary = {**getattr(self, "metrics", {}), "rho": self.config.flat_lora.rho, "targets": self.targets,
                    "best_checkpoint": self.trainer.state.best_model_checkpoint, **paths}
-        tmp = self.output_dir / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(self.output_dir / "summary.json")
+        write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
 

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from flatlora_diffusion.files import atomic_open, sha256_file, write_text
+from flatlora_diffusion.files import atomic_dir, atomic_open, sha256_file, write_text
 from flatlora_diffusion.toyworld import architectures as arch
 from flatlora_diffusion.toyworld.data import ScenePool, augment, scene_mix
 from flatlora_diffusion.toyworld.oracle import HEADS, Oracle
@@ -180,12 +180,9 @@ def run_stage(stage: Stage, settings: PretrainSettings, state_dir: Path, *, ema_
 
 def _atomic_save_pretrained(objects, out: Path) -> None:
     """`save_pretrained` every object into a temporary sibling, then rename it to `out`."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for obj in objects:
-        obj.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        for obj in objects:
+            obj.save_pretrained(tmp)
 
 
 def _cross_entropy_heads(logits: dict, labels: dict) -> torch.Tensor:

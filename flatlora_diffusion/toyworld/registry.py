@@ -17,7 +17,7 @@ import os
 from functools import cache
 from pathlib import Path
 
-from flatlora_diffusion.files import sha256_file
+from flatlora_diffusion.files import atomic_dir, sha256_file
 
 TOY_MODELS = {"toy:sd": "sd", "toy:clip": "clip", "toy:vit": "vit", "toy:oracle": "oracle"}
 SHIPPED_DIR = Path(__file__).with_name("weights")
@@ -79,16 +79,8 @@ def ship(source: str | Path) -> Path:
     source = Path(source).resolve()
     for name in TOY_MODELS:
         _verified(source, TOY_MODELS[name], ())
-    tmp = SHIPPED_DIR.with_name(f".{SHIPPED_DIR.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for folder in TOY_MODELS.values():
-        shutil.copytree(source / folder, tmp / folder)
-    shutil.copy2(source / "MANIFEST.json", tmp / "MANIFEST.json")
-    old = SHIPPED_DIR.with_name(f".{SHIPPED_DIR.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if SHIPPED_DIR.exists():
-        SHIPPED_DIR.rename(old)
-    tmp.rename(SHIPPED_DIR)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(SHIPPED_DIR) as tmp:
+        for folder in TOY_MODELS.values():
+            shutil.copytree(source / folder, tmp / folder)
+        shutil.copy2(source / "MANIFEST.json", tmp / "MANIFEST.json")
     return SHIPPED_DIR
