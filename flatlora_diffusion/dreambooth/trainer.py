@@ -11,7 +11,7 @@ One step, for each micro-batch of an optimiser step:
     latents = VAE(pixels) (or the cache)                   # (B, 4, H/8, W/8)
     noisy = scheduler.add_noise(latents, noise, t)         # noise and t from a generator keyed by the batch
     pred = unet(noisy, t, text_embeds[, SDXL added cond])  # frozen weights + noise + LoRA
-    loss = mse(pred, noise or velocity) [min-SNR] [+ prior loss on class images]
+    loss = mse(pred, noise or velocity) [min-SNR] [+ plain-MSE prior loss on class images]
     backward; on the last micro-batch: clip, optimiser step, lr step
 
 Randomness is keyed, not streamed: the diffusion noise and timesteps of a micro-batch come from a
@@ -41,7 +41,7 @@ from flatlora_diffusion.dreambooth.models import (
     Components,
     ModelError,
     detect_family,
-    diffusion_loss,
+    dreambooth_loss,
     load_components,
     read_model_index,
     resolve_model_path,
@@ -436,12 +436,9 @@ class DreamBoothTrainer:
             added = {"text_embeds": pooled, "time_ids": ids}
         pred = self.wrapped["unet"](noisy, timesteps, embeds, added_cond_kwargs=added).sample
         target = training_target(c.noise_scheduler, latents, noise, timesteps)
-        per_sample = diffusion_loss(pred, target, timesteps, c.noise_scheduler, cfg.optim.snr_gamma)  # (B,)
-        is_class = batch["is_class"].to(per_sample.device)
-        if not is_class.any():
-            return per_sample.mean()
-        loss = per_sample[~is_class].mean() if (~is_class).any() else per_sample.new_zeros(())
-        return loss + cfg.data.prior_loss_weight * per_sample[is_class].mean()
+        is_class = batch["is_class"].to(pred.device)  # (B,)
+        return dreambooth_loss(pred, target, timesteps, is_class, c.noise_scheduler, cfg.optim.snr_gamma,
+                               cfg.data.prior_loss_weight)
 
     def _latents(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
         """Scaled VAE latents in the UNet's dtype, sampled from the posterior with ``gen``."""
