@@ -156,6 +156,10 @@ def test_diffusers_spellings_are_accepted(tmp_path):
     assert config.optim.optimizer == "adamw" and config.data.image_interpolation_mode == "bicubic"
     assert config.lora.pre_compute_text_embeddings and "local_rank" not in config.to_flags()
     assert load_config([*REQUIRED, "--local-rank=1"]) == load_config(REQUIRED)  # torchrun's spelling
+    typed = load_config([*REQUIRED, "--prodigy_decouple=False", "--center_crop", "True", "--random_flip"])
+    assert (typed.optim.prodigy_decouple, typed.data.center_crop, typed.data.random_flip) == (False, True, True)
+    with pytest.raises(ConfigError, match=r"`--center_crop` must be true or false, got 'maybe'"):
+        load_config([*REQUIRED, "--center_crop", "maybe"])
     path = write_yaml(tmp_path / "c.yaml", {"optimizer": "Prodigy", "image_interpolation_mode": "nearest_exact"})
     mixed = load_config(["--config", str(path), *REQUIRED, "--optimizer", "ADAMW"])
     assert mixed.optim.optimizer == "adamw" and mixed.data.image_interpolation_mode == "nearest_exact"

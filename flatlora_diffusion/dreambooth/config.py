@@ -681,6 +681,24 @@ def _convert_cli(text: str, hint):
 
 
 _METAVARS = {int: "N", float: "X", str: "TEXT"}
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+class _BoolFlag(argparse.Action):
+    """``--x`` / ``--no-x``, and diffusers' ``--x True`` / ``--x=false`` (their `type=bool` flags).
+    A value that is not a boolean is kept as text, for `load_config` to report."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        negated = [f"--no-{s[2:]}" for s in option_strings]
+        super().__init__([*option_strings, *negated], dest, nargs="?", metavar="true|false", **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value is None:
+            setattr(namespace, self.dest, not option_string.startswith("--no-"))
+        else:
+            parsed = _BOOLS.get(value.strip().lower(), value)
+            setattr(namespace, self.dest, (not parsed) if option_string.startswith("--no-") and parsed in (True, False)
+                    else parsed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -709,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = flag.help + ("" if flag.default in (None, []) else f" [default: {_show(flag.default)}]")
         kwargs: dict = {"help": help_text.replace("%", "%%"), "dest": flag.name}
         if flag.hint is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["action"] = _BoolFlag
         elif flag.choices:
             kwargs["metavar"] = "{" + ",".join(flag.choices) + "}"
         else:
