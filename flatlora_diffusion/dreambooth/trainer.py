@@ -255,8 +255,8 @@ class DreamBoothTrainer:
             try:
                 if name == "unet":  # diffusers' Gaussian init, as its scripts
                     model.add_adapter(lora(targets, "gaussian"))
-                else:  # peft's default init; through peft itself, as transformers 5's `add_adapter` needs peft >= 0.22
-                    config = lora(targets, True)
+                else:  # the same init; through peft itself, as transformers 5's `add_adapter` needs peft >= 0.22
+                    config = lora(targets, "gaussian")
                     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
                     model.peft_config = {ADAPTER: config}  # what `get_peft_model_state_dict` reads
             except ValueError as err:
