@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -205,10 +206,13 @@ def test_model_card_lists_settings_and_images(sd_adapter_dir, tmp_path):
     for text in ("a photo of sks dog", "Flat-LoRA ρ | 0.1", "cosine", "unet: rank / alpha | 4 / 8",
                  "pipe.load_lora_weights", "](validation/final/image_000.png)", KOHYA_WEIGHTS_NAME):
         assert text in card, text
-    assert "base_model:" not in card  # a local folder is no Hub id: the Hub would reject the metadata
+    assert "base_model:" not in card  # a local folder is no Hub id: no Hub metadata for it
     assert read_adapter_info(out).validation_images == [image.resolve()]
     with pytest.raises(AdapterError, match="must be inside"):
         write_model_card(out, info, [tmp_path / "elsewhere.png"])
+    hub_info = replace(info, base_model="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert 'base_model: "stable-diffusion-v1-5/stable-diffusion-v1-5"' in write_model_card(out, hub_info, [image]).read_text()
+    write_model_card(out, info, [image])  # the shared fixture as it was
 
 
 def _how_to_use(card: str) -> str:
