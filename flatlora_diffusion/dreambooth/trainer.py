@@ -147,7 +147,7 @@ class DreamBoothTrainer:
         return accelerator
 
     def _check_inputs(self) -> tuple[str, Path | None]:
-        """Every file-level problem at once: base model, instance/class images, resume checkpoint."""
+        """Every file-level problem at once: base model, instance/class images, resume checkpoint, Hub access."""
         cfg, errors = self.config, []
         model_path, family = cfg.model.pretrained_model_name_or_path, "sd"
         try:
