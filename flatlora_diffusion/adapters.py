@@ -435,8 +435,12 @@ def write_model_card(
     output_dir: str | os.PathLike,
     info: AdapterInfo,
     validation_images: Sequence[str | os.PathLike] = (),
+    hub_repo: str | None = None,
 ) -> Path:
-    """Write ``README.md`` (and record ``validation_images`` in ``adapter_info.json``), atomically."""
+    """Write ``README.md`` (and record ``validation_images`` in ``adapter_info.json``), atomically.
+
+    Its "How to use" loads the adapter from ``hub_repo`` when given (the card is uploaded there),
+    else from this folder's absolute path."""
     out = Path(output_dir).resolve()
     images = [Path(p).resolve() for p in validation_images]
     outside = [str(p) for p in images if not p.is_relative_to(out)]
@@ -444,10 +448,37 @@ def write_model_card(
         raise AdapterError(f"Validation images must be inside `{out}` to be shown in the model card: {outside}.")
     info.validation_images = images
     files.write_text(out / INFO_NAME, _to_json(info.to_dict(), indent=2) + "\n")
-    return files.write_text(out / CARD_NAME, _card_text(info))
+    return files.write_text(out / CARD_NAME, _card_text(info, hub_repo or str(out)))
 
 
-def _card_text(info: AdapterInfo) -> str:
+def _how_to_use(info: AdapterInfo, pipeline: str, adapter: str) -> list[str]:
+    """Python that runs when copied: the base by an id `from_pretrained` takes, a dtype that fits the device."""
+    base = info.base_model or "BASE_MODEL"
+    builtin = base.startswith(("toy:", "tiny:"))  # flatlora_diffusion's ids: resolved to their local folder
+    return [
+        "```python",
+        "import torch",
+        f"from diffusers import {pipeline}",
+        *(["from flatlora_diffusion.model_ids import resolve_model_id  # `toy:`/`tiny:` ids -> local folder"]
+          if builtin else []),
+        "",
+        "device = \"cuda\" if torch.cuda.is_available() else \"cpu\"",
+        "dtype = torch.float16 if device == \"cuda\" else torch.float32  # half precision needs a GPU",
+        f"pipe = {pipeline}.from_pretrained({f'resolve_model_id({base!r})' if builtin else repr(base)}, "
+        "torch_dtype=dtype).to(device)",
+        f"pipe.load_lora_weights({adapter!r})",
+        f"image = pipe({info.training.get('instance_prompt') or 'your prompt'!r}).images[0]",
+        "image.save(\"sample.png\")",
+        "```",
+    ]
+
+
+def _is_hub_id(name: str | None) -> bool:
+    """Whether ``name`` looks like a Hub model id (`owner/name`), not a local folder or a built-in id."""
+    return bool(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not Path(name).exists()
+
+
+def _card_text(info: AdapterInfo, adapter: str) -> str:
     prompt = info.training.get("instance_prompt", "")
     pipeline = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}.get(info.model_type or "",
                                                                                           "DiffusionPipeline")
@@ -468,7 +499,7 @@ def _card_text(info: AdapterInfo) -> str:
     ]
     lines = [
         "---",
-        f"base_model: {json.dumps(info.base_model)}",
+        *([f"base_model: {json.dumps(info.base_model)}"] if _is_hub_id(info.base_model) else []),
         "library_name: diffusers",
         "tags: [text-to-image, diffusers, lora, dreambooth, flat-lora]",
         f"instance_prompt: {json.dumps(prompt)}",
@@ -484,14 +515,7 @@ def _card_text(info: AdapterInfo) -> str:
         "",
         "## How to use",
         "",
-        "```python",
-        "import torch",
-        f"from diffusers import {pipeline}",
-        "",
-        f"pipe = {pipeline}.from_pretrained({info.base_model!r}, torch_dtype=torch.float16).to(\"cuda\")",
-        "pipe.load_lora_weights(\"path/to/this/folder\")",
-        f"image = pipe({prompt or 'your prompt'!r}).images[0]",
-        "```",
+        *_how_to_use(info, pipeline, adapter),
         "",
     ]
     if info.kohya_file:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -201,9 +203,35 @@ def test_model_card_lists_settings_and_images(sd_adapter_dir, tmp_path):
     image.parent.mkdir(parents=True, exist_ok=True)
     image.write_bytes(b"png")
     card = write_model_card(out, info, [image]).read_text()
-    for text in ("base_model:", "a photo of sks dog", "Flat-LoRA ρ | 0.1", "cosine", "unet: rank / alpha | 4 / 8",
+    for text in ("a photo of sks dog", "Flat-LoRA ρ | 0.1", "cosine", "unet: rank / alpha | 4 / 8",
                  "pipe.load_lora_weights", "](validation/final/image_000.png)", KOHYA_WEIGHTS_NAME):
         assert text in card, text
+    assert "base_model:" not in card  # a local folder is no Hub id: no Hub metadata for it
     assert read_adapter_info(out).validation_images == [image.resolve()]
     with pytest.raises(AdapterError, match="must be inside"):
         write_model_card(out, info, [tmp_path / "elsewhere.png"])
+    hub_info = replace(info, base_model="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert 'base_model: "stable-diffusion-v1-5/stable-diffusion-v1-5"' in write_model_card(out, hub_info, [image]).read_text()
+    write_model_card(out, info, [image])  # the shared fixture as it was
+
+
+def _how_to_use(card: str) -> str:
+    return card.split("## How to use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("base", ["folder", "tiny:sd"])
+def test_model_card_how_to_use_runs_when_copied(base, sd_adapter_dir, tmp_path, monkeypatch):
+    """The card's code, pasted as is, loads the base (a folder, or a built-in id through `resolve_model_id`)
+    and the adapter on this machine's device and dtype, and samples the instance prompt."""
+    info = read_adapter_info(sd_adapter_dir)
+    if base == "tiny:sd":  # the fixture's tiny SD is `tiny:sd` (same factory, seed 0), built here afresh
+        monkeypatch.setenv("FLATLORA_CACHE", str(tmp_path / "cache"))
+        info.base_model = "tiny:sd"
+    out = tmp_path / "adapter"
+    shutil.copytree(sd_adapter_dir, out)
+    code = _how_to_use(write_model_card(out, info).read_text())
+    assert "float16 if device == \"cuda\"" in code and str(out.resolve()) in code
+    assert ("resolve_model_id('tiny:sd')" in code) == (base == "tiny:sd")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})  # verbatim: the pipeline's default 50 steps
+    assert (tmp_path / "sample.png").is_file()

@@ -10,11 +10,13 @@ import yaml
 from flatlora_diffusion.dreambooth.config import (
     FLAGS,
     MAX_RHO,
+    REFUSED,
     ConfigError,
     TrainConfig,
     build_parser,
     load_config,
 )
+from flatlora_diffusion.dreambooth.data import RESAMPLE
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ["--pretrained_model_name_or_path", "tiny:sd", "--instance_data_dir", "imgs", "--instance_prompt", "a sks dog"]
@@ -34,7 +36,17 @@ def test_defaults_follow_the_diffusers_scripts_and_the_paper():
     assert config.flat.seed is None  # the trainer uses `--seed`
     assert config.optim.lr_scheduler == "constant" and config.optim.learning_rate == 1e-4
     assert config.logging.report_to == "tensorboard" and config.checkpoint.checkpointing_steps == 500
-    assert config.data.resolution == 512 and config.optim.seed is None
+    assert config.optim.seed is None and config.optim.lr_warmup_steps == 0 and config.validation.validation_epochs is None
+    assert config.data.resolution is None and config.optim.adam_weight_decay is None  # set by the model family
+
+
+@pytest.mark.parametrize(("family", "resolution", "weight_decay"), [("sd", 512, 1e-2), ("sdxl", 1024, 1e-4)])
+def test_per_family_defaults_are_diffusers(family, resolution, weight_decay):
+    """diffusers' `train_dreambooth_lora.py` / `_sdxl.py` defaults; values given by the user are kept."""
+    config = load_config(REQUIRED).with_family_defaults(family)
+    assert (config.data.resolution, config.optim.adam_weight_decay) == (resolution, weight_decay)
+    given = load_config([*REQUIRED, "--resolution", "256", "--adam_weight_decay", "0"]).with_family_defaults(family)
+    assert (given.data.resolution, given.optim.adam_weight_decay) == (256, 0.0)
 
 
 def test_every_flag_has_help_and_one_owner():
@@ -87,19 +99,20 @@ def test_all_errors_are_reported_together():
                      "--learnign_rate", "1", "--flat_schedule", "sine"])
     errors = info.value.errors
     joined = "\n".join(errors)
-    for expected in ("`--rank` must be an integer >= 1, got 0", "`--rho` must be a number in [0, 1]",
+    for expected in ("`--rank` must be an integer >= 1, got 0", f"`--rho` must be a number in [0, {MAX_RHO}]",
                      "`--resolution` must be a positive multiple of 8", "try 24 or 32", "`--seed` must be an integer",
                      "`--lr_scheduler` must be one of", "Unknown flag `--learnign_rate`", "`--learning_rate`?",
                      "`--flat_schedule` must be one of", "`--pretrained_model_name_or_path` is required"):
         assert expected in joined
     assert len(errors) >= 9
+    assert str(info.value).endswith("(Files -- images, model, checkpoint -- are checked once the settings are valid.)")
 
 
 @pytest.mark.parametrize(("args", "match"), [
     (["--rank", "0"], r"`--rank` must be an integer >= 1, got 0"),
-    (["--rho", "-0.1"], r"`--rho` must be a number in \[0, 1\]"),
-    (["--rho", "0.8"], rf"`--rho` 0.8 is too large.*at most {MAX_RHO}"),
-    (["--rho", "nan"], r"`--rho` must be a number in \[0, 1\]"),
+    (["--rho", "-0.1"], rf"`--rho` must be a number in \[0, {MAX_RHO}\], got -0.1\. Use 0.05-0.2"),
+    (["--rho", "0.8"], rf"`--rho` must be a number in \[0, {MAX_RHO}\], got 0.8 \(the noise norm would be 80%"),
+    (["--rho", "nan"], rf"`--rho` must be a number in \[0, {MAX_RHO}\], got nan"),
     (["--resolution", "500"], r"`--resolution` must be a positive multiple of 8 .* got 500; try 496 or 504"),
     (["--lora_dropout", "1.5"], r"`--lora_dropout` must be in \[0, 1\)"),
     (["--with_prior_preservation"], r"`--with_prior_preservation` needs `--class_data_dir`"),
@@ -108,6 +121,11 @@ def test_all_errors_are_reported_together():
     (["--flat_interval", "0"], r"`--flat_interval` must be an integer >= 1"),
     (["--mixed_precision", "fp8"], r"`--mixed_precision` must be one of no, fp16, bf16"),
     (["--bucket_step", "12"], r"`--bucket_step` must be a multiple of 8"),
+    (["--image_interpolation_mode", "cubic"], r"`--image_interpolation_mode` must be one of bicubic, bilinear"),
+    (["--optimizer", "sgd"], r"`--optimizer` must be `adamw` or `prodigy`, got 'sgd'"),
+    (["--pre_compute_text_embeddings", "--train_text_encoder"], r"cannot be combined with `--train_text_encoder`"),
+    (["--hub_model_id", "me/dog"], r"`--hub_model_id` is used only with `--push_to_hub`"),
+    (["--prior_generation_precision", "fp8"], r"`--prior_generation_precision` must be one of no, fp32, fp16, bf16"),
 ])
 def test_bad_values_name_the_flag(args, match):
     with pytest.raises(ConfigError, match=match):
@@ -120,6 +138,7 @@ def test_bad_values_name_the_flag(args, match):
     (["--enable_xformers_memory_efficient_attention"], r"needs the `xformers` package .* PyTorch SDPA"),
     (["--report_to", "wandb"], r"`--report_to wandb` needs the `wandb` package"),
     (["--mixed_precision", "fp16"], r"`--mixed_precision fp16` needs a CUDA GPU; use `bf16` or `no`"),
+    (["--prior_generation_precision", "fp16"], r"`--prior_generation_precision fp16` needs a CUDA GPU"),
 ])
 def test_missing_optional_extras_fail_clearly(args, match, monkeypatch):
     import flatlora_diffusion.dreambooth.config as config_module
@@ -128,6 +147,44 @@ def test_missing_optional_extras_fail_clearly(args, match, monkeypatch):
     monkeypatch.setattr(config_module, "_cuda_available", lambda: False)
     with pytest.raises(ConfigError, match=match):
         load_config([*REQUIRED, *args])
+
+
+def test_diffusers_spellings_are_accepted(tmp_path):
+    """What users of diffusers' scripts type: `AdamW`, torchvision's interpolation names, launcher ranks."""
+    config = load_config([*REQUIRED, "--optimizer", "AdamW", "--image_interpolation_mode", "BICUBIC",
+                          "--pre_compute_text_embeddings", "--local_rank", "0"])
+    assert config.optim.optimizer == "adamw" and config.data.image_interpolation_mode == "bicubic"
+    assert config.lora.pre_compute_text_embeddings and "local_rank" not in config.to_flags()
+    assert load_config([*REQUIRED, "--local-rank=1"]) == load_config(REQUIRED)  # torchrun's spelling
+    typed = load_config([*REQUIRED, "--prodigy_decouple=False", "--center_crop", "True", "--random_flip"])
+    assert (typed.optim.prodigy_decouple, typed.data.center_crop, typed.data.random_flip) == (False, True, True)
+    with pytest.raises(ConfigError, match=r"`--center_crop` must be true or false, got 'maybe'"):
+        load_config([*REQUIRED, "--center_crop", "maybe"])
+    path = write_yaml(tmp_path / "c.yaml", {"optimizer": "Prodigy", "image_interpolation_mode": "nearest_exact"})
+    mixed = load_config(["--config", str(path), *REQUIRED, "--optimizer", "ADAMW"])
+    assert mixed.optim.optimizer == "adamw" and mixed.data.image_interpolation_mode == "nearest_exact"
+    assert set(FLAGS["image_interpolation_mode"].choices) == set(RESAMPLE) == {
+        "nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos"}  # torchvision's modes
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_refused_diffusers_flags_say_why(name, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config([*REQUIRED, f"--{name}", "77", "--rank", "0"])
+    assert info.value.errors[0] == f"`--{name}` on the command line (a flag of diffusers' scripts) is not supported: " \
+                                   f"{REFUSED[name]}"
+    assert not any("Unexpected argument" in e for e in info.value.errors)  # its value is not reported again
+    assert "`--rank` must be an integer >= 1" in info.value.errors[1]  # and the other errors still come
+    with pytest.raises(ConfigError, match=rf"`{name}` in `.*c.yaml` \(a flag of diffusers' scripts\) is not supported"):
+        load_config(["--config", str(write_yaml(tmp_path / "c.yaml", {name: 1})), *REQUIRED])
+    assert f"--{name}" in build_parser().format_help()  # listed in `--help`
+
+
+def test_hub_token_is_never_written(tmp_path):
+    config = load_config([*REQUIRED, "--push_to_hub", "--hub_model_id", "me/dog", "--hub_token", "hf_secret"])
+    assert config.checkpoint.hub_token == "hf_secret" and config.resolved().checkpoint.hub_token == "hf_secret"
+    assert config.to_flags()["hub_token"] is None  # what config.yaml, checkpoints and trackers get
+    assert "hf_secret" not in config.save_yaml(tmp_path / "config.yaml").read_text()
 
 
 def test_resolved_config_round_trips(tmp_path):

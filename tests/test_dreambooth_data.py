@@ -12,6 +12,7 @@ from PIL import Image
 
 from flatlora_diffusion.dreambooth.data import (
     DEMO_INSTANCE_PROMPT,
+    RESAMPLE,
     BucketBatchSampler,
     DataConfig,
     DataError,
@@ -197,6 +198,16 @@ def test_crops_and_flips_are_a_function_of_seed_epoch_index(tmp_path):
     assert any(first[(0, i)]["cache_key"] != other_seed[(0, i)]["cache_key"] for i in range(3))
     item = first[(0, 0)]["pixel_values"]
     assert item.shape == (3, 64, 64) and item.min() >= -1 and item.max() <= 1
+
+
+def test_every_interpolation_mode_resizes_with_its_own_filter(tmp_path):
+    """diffusers' `--image_interpolation_mode` choices; `nearest_exact` is Pillow's NEAREST, as torchvision on PIL."""
+    folder = _folder(tmp_path, [(96, 80)])
+    pixels = {mode: _dataset(folder, center_crop=True, interpolation=mode)[(0, 0)]["pixel_values"] for mode in RESAMPLE}
+    assert torch.equal(pixels.pop("nearest_exact"), pixels["nearest"])
+    assert len({tuple(p.flatten().tolist()) for p in pixels.values()}) == len(pixels) == 6
+    with pytest.raises(DataError, match=r"`--image_interpolation_mode` must be one of bicubic, bilinear"):
+        DataConfig(interpolation="cubic")
 
 
 def test_center_crop_and_flip_coordinates(tmp_path):

@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from flatlora_diffusion.dreambooth import checkpoints as ckpt
-from flatlora_diffusion.dreambooth.config import ConfigError
+from flatlora_diffusion.dreambooth.config import ConfigError, load_config
 from flatlora_diffusion.dreambooth.data import DataWarning, demo_subject_dir
 from flatlora_diffusion.dreambooth.trainer import DreamBoothError, DreamBoothTrainer, TrainingError
 
@@ -202,6 +202,64 @@ def test_bf16_keeps_frozen_weights_in_bf16_and_lora_in_fp32(tiny_sd_path, tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------
+# diffusers parity: per-family defaults, class-image precision, `--push_to_hub`
+
+
+def test_sdxl_defaults_to_1024_px_and_its_weight_decay(tiny_sdxl_path, tmp_path):
+    """Flags left unset whose default depends on the family take diffusers' SDXL values (read before the data)."""
+    args = [a for a in argv(tiny_sdxl_path, tmp_path) if a not in ("--resolution", "32")]
+    trainer = DreamBoothTrainer(load_config(args))
+    trainer.accelerator = trainer._setup_accelerator()
+    with pytest.warns(DataWarning, match="upscaled"):  # the 64 px demo images, at 1024
+        trainer._check_inputs()
+    assert (trainer.config.data.resolution, trainer.config.optim.adam_weight_decay) == (1024, 1e-4)
+    assert trainer._instance_dataset.config.resolution == 1024
+
+
+def test_prior_generation_precision_generates_with_its_own_pipeline(tiny_sd_path, tmp_path, monkeypatch):
+    import flatlora_diffusion.sampling as sampling
+
+    dtypes, real_load = [], sampling.load_pipeline
+
+    def spy(*args, **kwargs):
+        dtypes.append(kwargs["dtype"])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "load_pipeline", spy)
+    class_dir = tmp_path / "class"
+    main(argv(tiny_sd_path, tmp_path / "out", "--with_prior_preservation", "--class_data_dir", str(class_dir),
+              "--class_prompt", "a photo of dog", "--num_class_images", "2", "--class_num_inference_steps", "2",
+              "--prior_generation_precision", "bf16", "--no-final_validation", steps=1))
+    assert dtypes == [torch.bfloat16] and len(list(class_dir.glob("*.png"))) == 2
+
+
+def test_push_to_hub_offline_fails_before_training(tiny_sd_path, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "out"
+    with pytest.raises(DreamBoothError, match=r"`--push_to_hub`: offline mode is on .* `hf upload REPO_ID OUTPUT_DIR`"):
+        main(argv(tiny_sd_path, out, "--push_to_hub", "--hub_token", "hf_x"))
+    assert not out.exists() or not any(out.rglob("*.safetensors"))
+
+
+def test_push_to_hub_uploads_the_output_at_the_end(tiny_sd_path, tmp_path, monkeypatch):
+    from flatlora_diffusion.dreambooth import hub
+
+    calls = []
+    monkeypatch.setattr(hub, "check_access", lambda repo, out, token: calls.append(("check", repo, token)) or repo)
+    monkeypatch.setattr(hub, "push", lambda out, repo, token: calls.append(
+        ("push", repo, token, sorted(p.name for p in Path(out).iterdir()))) or f"https://huggingface.co/{repo}")
+    out = tmp_path / "out"
+    main(argv(tiny_sd_path, out, "--push_to_hub", "--hub_model_id", "me/dog", "--hub_token", "hf_secret",
+              "--checkpointing_steps", "1", steps=1))
+    assert calls[0] == ("check", "me/dog", "hf_secret") and calls[1][:3] == ("push", "me/dog", "hf_secret")
+    assert {"pytorch_lora_weights.safetensors", "README.md", "config.yaml"} <= set(calls[1][3])
+    assert "pipe.load_lora_weights('me/dog')" in (out / "README.md").read_text()
+    assert not any("hf_secret" in p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------
 # Checkpoints: kill and resume, atomic writes, total limit, NaN
 
 
@@ -348,8 +406,8 @@ def bad_images(tmp_path_factory) -> Path:
     (["--instance_data_dir", "BAD"], DreamBoothError, r"Cannot read image `.*broken.jpg`.*--skip_bad_images"),
     (["--pretrained_model_name_or_path", "NOT_A_PIPELINE"], DreamBoothError, r"is not a diffusers pipeline folder: `model_index.json` is missing"),
     (["--pretrained_model_name_or_path", "tiny:nope"], DreamBoothError, r"`--pretrained_model_name_or_path` 'tiny:nope' is not a tiny model"),
-    (["--rho", "-0.5"], ConfigError, r"`--rho` must be a number in \[0, 1\]"),
-    (["--rho", "3"], ConfigError, r"`--rho` 3.0 is too large"),
+    (["--rho", "-0.5"], ConfigError, r"`--rho` must be a number in \[0, 0.5\], got -0.5"),
+    (["--rho", "3"], ConfigError, r"`--rho` must be a number in \[0, 0.5\], got 3.0 \(the noise norm would be 300%"),
     (["--rank", "0"], ConfigError, r"`--rank` must be an integer >= 1"),
     (["--resolution", "36"], ConfigError, r"`--resolution` must be a positive multiple of 8"),
     (["--resume_from_checkpoint", "/nonexistent/checkpoint-5"], DreamBoothError, r"`--resume_from_checkpoint` `/nonexistent/checkpoint-5` does not exist"),
@@ -455,7 +513,7 @@ def test_trainer_benchmark_mode(tiny_sd_path, tmp_path):
 PINNED = {
     "sd_lora": [1.3627729415893555, 0.92954421043396, 0.9837087988853455],
     "sd_flat": [1.3577615022659302, 0.9279950261116028, 0.9854998588562012],
-    "sd_v": [0.0020704963244497776, 0.16828997433185577],
+    "sd_v": [0.0020704965572804213, 0.16823790967464447],
     "sdxl_lora": [1.4359724521636963, 0.9326534271240234],
-    "sdxl_prior": [1.5078022480010986, 1.915071964263916],
+    "sdxl_prior": [1.5078022480010986, 1.9148635864257812],
 }

@@ -6,6 +6,7 @@ The stages run here at toy sizes (a few hundred renders, 30 steps) through the r
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -92,3 +93,20 @@ def test_unet_stage_needs_its_inputs_and_cli_checks_flags(small_stages, tmp_path
 def test_step_counts_are_a_function_of_the_budget_only():
     assert PretrainSettings(minutes=90).steps("unet") == PretrainSettings(minutes=90, seed=1).steps("unet")
     assert PretrainSettings(minutes=45).steps("unet") < PretrainSettings(minutes=90).steps("unet")
+
+
+def test_unet_extra_steps_extend_a_finished_run_exactly_as_a_run_from_scratch(small_stages, tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrain_module, "BATCH", {k: 8 for k in pretrain_module.BATCH})
+    extended = replace(small_stages, unet_extra_steps=20)
+    pretrain(tmp_path / "scratch", extended)
+    pretrain(tmp_path / "run", small_stages)
+    first = load_file(tmp_path / "run/sd/unet/diffusion_pytorch_model.safetensors")
+    pretrain(tmp_path / "run", extended)  # the finished run's command plus the flag
+    scratch = load_file(tmp_path / "scratch/sd/unet/diffusion_pytorch_model.safetensors")
+    continued = load_file(tmp_path / "run/sd/unet/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(scratch[k], continued[k]) for k in scratch)
+    assert not all(torch.equal(first[k], continued[k]) for k in first)
+    manifest = json.loads((tmp_path / "run/MANIFEST.json").read_text())
+    assert manifest["steps"]["unet_continued"] == 20 and "--unet_extra_steps 20" in manifest["command"]
+    with pytest.raises(PretrainError, match="needs the `unet` stage:"):
+        pretrain(tmp_path / "alone", extended, stages=("unet_continued",))

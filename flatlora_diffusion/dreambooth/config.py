@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from flatlora_diffusion.dreambooth.data import RESAMPLE
 from flatlora_diffusion.files import write_text
 from flatlora_diffusion.flat_lora import SAMPLERS, SCHEDULES, FlatLoraConfig
 from flatlora_diffusion.typed_config import help_field as _f
@@ -33,8 +34,33 @@ from flatlora_diffusion.typed_config import type_ok as _type_ok
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 PRECISIONS = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "prodigy")
 # Highest ρ accepted: the paper sweeps 0.01-0.20; beyond 0.5 the noise is half the weight norm.
 MAX_RHO = 0.5
+# Defaults that depend on the model family (the flag's default is None until the family is known):
+# diffusers' `train_dreambooth_lora.py` (SD) and `train_dreambooth_lora_sdxl.py` values.
+FAMILY_DEFAULTS = {
+    "sd": {"resolution": 512, "adam_weight_decay": 1e-2},
+    "sdxl": {"resolution": 1024, "adam_weight_decay": 1e-4},
+}
+# Flags of diffusers' SD/SDXL DreamBooth LoRA scripts that this trainer refuses, and why.
+REFUSED = {
+    "tokenizer_name": "the tokenizer is the pipeline's own (`tokenizer/`), the one its text encoder was trained "
+                      "with and its pipelines use at inference.",
+    "tokenizer_max_length": "prompts are tokenised to the tokenizer's `model_max_length` (77 for CLIP), the length "
+                            "SD/SDXL pipelines use at inference; diffusers has the flag for DeepFloyd IF's T5 encoder.",
+    "text_encoder_use_attention_mask": "SD/SDXL's CLIP text encoders run without an attention mask in training and "
+                                       "in diffusers' pipelines; diffusers has the flag for DeepFloyd IF's T5 encoder.",
+    "class_labels_conditioning": "SD/SDXL UNets have no class embedding; the flag serves UNets that have one "
+                                 "(DeepFloyd IF stage II, the x4 upscaler), which this trainer does not train.",
+    "validation_images": "validation samples text-to-image; input images serve image-variation and upscaler "
+                         "pipelines, which this trainer does not train.",
+    "do_edm_style_training": "this trainer trains DDPM-style epsilon / v-prediction models; EDM-parametrised "
+                             "models (e.g. Playground v2.5) are not supported.",
+    "crops_coords_top_left_h": "SDXL's crop coordinates come from each image's real crop.",
+    "crops_coords_top_left_w": "SDXL's crop coordinates come from each image's real crop.",
+}
+SECRET_FLAGS = frozenset({"hub_token"})  # never written to `config.yaml`, checkpoints or trackers
 
 
 class ConfigError(ValueError):
@@ -42,7 +68,8 @@ class ConfigError(ValueError):
 
     def __init__(self, errors: list[str]) -> None:
         self.errors = list(errors)
-        super().__init__("Invalid training configuration:\n  - " + "\n  - ".join(self.errors))
+        super().__init__("Invalid training configuration:\n  - " + "\n  - ".join(self.errors)
+                         + "\n(Files -- images, model, checkpoint -- are checked once the settings are valid.)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +181,10 @@ class LoraSettings(_Section):
         ["q_proj", "k_proj", "v_proj", "out_proj"], "Text-encoder modules that get LoRA with `--train_text_encoder`."
     )
     text_encoder_lr: float | None = _f(None, "Learning rate of the text-encoder LoRA; default `--learning_rate`.")
+    pre_compute_text_embeddings: bool = _f(
+        False, "Accepted for diffusers' scripts: prompt embeddings are always computed once when the text encoders "
+               "are frozen (they stay loaded for validation); not with `--train_text_encoder`."
+    )
 
     def _check(self) -> list[str]:
         errors = []
@@ -166,6 +197,9 @@ class LoraSettings(_Section):
             if not [m for m in getattr(self, name) if m.strip()]:
                 errors.append(f"`--{name}` must name at least one module, e.g. `to_q,to_k,to_v,to_out.0`.")
         errors += _at_least(self, "text_encoder_lr", 0, exclusive=True)
+        if self.pre_compute_text_embeddings and self.train_text_encoder:
+            errors.append("`--pre_compute_text_embeddings` cannot be combined with `--train_text_encoder`: a trained "
+                          "encoder's embeddings change every step. Drop one of them.")
         return errors
 
     @property
@@ -196,8 +230,13 @@ class DataConfig(_Section):
     prior_loss_weight: float = _f(1.0, "Weight of the prior-preservation loss.")
     sample_batch_size: int = _f(4, "Batch size of the class-image generation.")
     class_num_inference_steps: int = _f(30, "Denoising steps per generated class image.")
-    resolution: int = _f(512, "Training resolution in pixels (multiple of 8); images are resized to cover it, "
-                              "then cropped.")
+    prior_generation_precision: str | None = _f(
+        None, "Precision of the class-image generation: `fp32` (or `no`), `fp16` (CUDA) or `bf16`; then a separate "
+              "copy of the base pipeline generates them. Default: the training models in `--mixed_precision`'s dtype.",
+        choices=("no", "fp32", "fp16", "bf16"),
+    )
+    resolution: int | None = _f(None, "Training resolution in pixels (multiple of 8); images are resized to cover "
+                                      "it, then cropped. Default: 512 for SD 1.x/2.x, 1024 for SDXL.")
     center_crop: bool = _f(False, "Center crop instead of a random crop.")
     random_flip: bool = _f(False, "Flip images horizontally at random (drawn afresh every epoch).")
     enable_bucketing: bool = _f(
@@ -205,7 +244,8 @@ class DataConfig(_Section):
     )
     bucket_step: int | None = _f(None, "Bucket side granularity in pixels (multiple of 8); default min(64, resolution/4).")
     max_aspect: float = _f(2.0, "Largest bucket aspect ratio (long side / short side).")
-    interpolation: str = _f("lanczos", "Resize filter.", choices=("lanczos", "bicubic"))
+    image_interpolation_mode: str = _f("lanczos", "Resize filter (diffusers' choices, as Pillow filters).",
+                                       choices=tuple(RESAMPLE), casefold=True)
     skip_bad_images: bool = _f(False, "Skip unreadable or truncated images with a warning instead of stopping.")
     repeats: int = _f(1, "How many times each instance image appears per epoch.")
     dataloader_num_workers: int = _f(0, "Data-loading worker processes (0: load in the main process).")
@@ -223,7 +263,7 @@ class DataConfig(_Section):
                           "(or `--dataset_name` for a Hugging Face dataset).")
         if not self.instance_prompt or not self.instance_prompt.strip():
             errors.append("`--instance_prompt` is required, e.g. `a photo of sks dog`.")
-        if self.resolution < 8 or self.resolution % 8:
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             low = max(8, self.resolution // 8 * 8)
             errors.append(f"`--resolution` must be a positive multiple of 8 (the VAE downsamples 8x), got "
                           f"{self.resolution}; try {low} or {low + 8}.")
@@ -238,13 +278,17 @@ class DataConfig(_Section):
             errors += _at_least(self, name, 1)
         errors += _at_least(self, "prior_loss_weight", 0)
         if self.bucket_step is not None and (self.bucket_step < 8 or self.bucket_step % 8
-                                             or self.bucket_step > self.resolution // 2):
+                                             or self.bucket_step > (self.resolution or 1024) // 2):
             errors.append(f"`--bucket_step` must be a multiple of 8 between 8 and `--resolution`/2, "
                           f"got {self.bucket_step}.")
         if not self.max_aspect >= 1:
             errors.append(f"`--max_aspect` must be >= 1, got {self.max_aspect}.")
-        if self.interpolation not in ("lanczos", "bicubic"):
-            errors.append(f"`--interpolation` must be `lanczos` or `bicubic`, got {self.interpolation!r}.")
+        if self.image_interpolation_mode not in RESAMPLE:
+            errors.append(f"`--image_interpolation_mode` must be one of {', '.join(RESAMPLE)}, "
+                          f"got {self.image_interpolation_mode!r}.")
+        if self.prior_generation_precision not in (None, "no", "fp32", "fp16", "bf16"):
+            errors.append("`--prior_generation_precision` must be one of no, fp32, fp16, bf16, "
+                          f"got {self.prior_generation_precision!r}.")
         return errors
 
 
@@ -262,12 +306,14 @@ class OptimConfig(_Section):
     lr_warmup_steps: int = _f(0, "Warmup optimiser steps of the schedule.")
     lr_num_cycles: int = _f(1, "Hard restarts of `cosine_with_restarts`.")
     lr_power: float = _f(1.0, "Power of the `polynomial` schedule.")
-    optimizer: str = _f("adamw", "`adamw` or `prodigy` (needs `pip install prodigyopt`).", choices=("adamw", "prodigy"))
+    optimizer: str = _f("adamw", "`adamw` or `prodigy` (needs `pip install prodigyopt`); any case, as diffusers' `AdamW`.",
+                        choices=OPTIMIZERS, casefold=True)
     use_8bit_adam: bool = _f(False, "8-bit AdamW from bitsandbytes (needs `pip install bitsandbytes` and CUDA).")
     adam_beta1: float = _f(0.9, "Adam beta1.")
     adam_beta2: float = _f(0.999, "Adam beta2.")
     adam_epsilon: float = _f(1e-8, "Adam epsilon.")
-    adam_weight_decay: float = _f(1e-2, "Weight decay of the UNet LoRA parameters.")
+    adam_weight_decay: float | None = _f(None, "Weight decay of the UNet LoRA parameters. Default: 1e-2 for SD "
+                                                "1.x/2.x, 1e-4 for SDXL.")
     adam_weight_decay_text_encoder: float = _f(1e-3, "Weight decay of the text-encoder LoRA parameters.")
     prodigy_beta3: float | None = _f(None, "Prodigy beta3 (default: sqrt(beta2)).")
     prodigy_decouple: bool = _f(True, "Prodigy: AdamW-style decoupled weight decay.")
@@ -294,7 +340,7 @@ class OptimConfig(_Section):
                 errors.append(f"`--{name}` must be in [0, 1), got {getattr(self, name)}.")
         if self.lr_scheduler not in LR_SCHEDULERS:
             errors.append(f"`--lr_scheduler` must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}.")
-        if self.optimizer not in ("adamw", "prodigy"):
+        if self.optimizer not in OPTIMIZERS:
             errors.append(f"`--optimizer` must be `adamw` or `prodigy`, got {self.optimizer!r}.")
         if self.seed is not None and not 0 <= self.seed < 2**32:
             errors.append(f"`--seed` must be in [0, 2**32), got {self.seed}.")
@@ -333,11 +379,20 @@ class CheckpointConfig(_Section):
               "fresh if there is none; a finished run is left as it is)."
     )
     output_kohya_format: bool = _f(False, "Also write the adapter in kohya format (`pytorch_lora_weights_kohya.safetensors`).")
+    push_to_hub: bool = _f(False, "Upload the output folder (adapter, model card, images; no checkpoints) to the "
+                                  "Hugging Face Hub at the end; access is checked before training.")
+    hub_model_id: str | None = _f(None, "Hub repository of `--push_to_hub` (`name` or `user/name`); default: the "
+                                        "name of `--output_dir`.")
+    hub_token: str | None = _f(None, "Hub token of `--push_to_hub` (default: `hf auth login`'s or `HF_TOKEN`); "
+                                     "never written to disk.")
 
     def _check(self) -> list[str]:
         errors = _at_least(self, "checkpointing_steps", 1) + _at_least(self, "checkpoints_total_limit", 1)
         if not self.output_dir.strip():
             errors.append("`--output_dir` must not be empty.")
+        for name in ("hub_model_id", "hub_token"):
+            if getattr(self, name) is not None and not self.push_to_hub:
+                errors.append(f"`--{name}` is used only with `--push_to_hub`: add `--push_to_hub`, or drop `--{name}`.")
         return errors
 
 
@@ -430,6 +485,11 @@ class Flag:
     default: object
     help: str
     choices: tuple | None = None
+    casefold: bool = False  # `AdamW` means `adamw`
+
+    def normalise(self, value):
+        """The value as stored: lower-cased for case-insensitive flags."""
+        return value.lower() if self.casefold and isinstance(value, str) else value
 
 
 def _flag_table() -> dict[str, Flag]:
@@ -439,7 +499,7 @@ def _flag_table() -> dict[str, Flag]:
         for f in fields(cls):
             default = f.default_factory() if f.default_factory is not MISSING else f.default
             table[f.name] = Flag(f.name, section, f.name, hints[f.name], default, f.metadata["help"],
-                                 f.metadata.get("choices"))
+                                 f.metadata.get("choices"), f.metadata.get("casefold", False))
     hints = typing.get_type_hints(FlatLoraConfig)
     for f in fields(FlatLoraConfig):
         name = FLAT_FLAGS[f.name]
@@ -477,7 +537,7 @@ class TrainConfig:
         per_section: dict[str, dict] = {name: {} for name in [*SECTIONS, "flat"]}
         for flag in FLAGS.values():
             if flag.name in values:
-                per_section[flag.section][flag.attr] = values[flag.name]
+                per_section[flag.section][flag.attr] = flag.normalise(values[flag.name])
         built = {}
         for name, kwargs in per_section.items():
             try:
@@ -489,18 +549,26 @@ class TrainConfig:
             raise ConfigError(errors)
         return cls(**built)
 
-    def to_flags(self) -> dict:
-        """``{flag name: value}`` of every flag: loads back with `TrainConfig.from_flags`."""
+    def to_flags(self, secrets: bool = False) -> dict:
+        """``{flag name: value}`` of every flag: loads back with `TrainConfig.from_flags`. Secrets
+        (`--hub_token`) are None unless ``secrets``: this is what files and trackers get."""
         out = {}
         for flag in FLAGS.values():
             value = getattr(getattr(self, flag.section), flag.attr)
+            if flag.name in SECRET_FLAGS and not secrets:
+                value = None
             out[flag.name] = list(value) if isinstance(value, list) else value
         return out
 
     def resolved(self, **updates) -> TrainConfig:
         """A copy with values the trainer decided (``flag=value``): a random seed, the step count..."""
-        values = self.to_flags() | updates
+        values = self.to_flags(secrets=True) | updates
         return TrainConfig.from_flags(values)
+
+    def with_family_defaults(self, family: str) -> TrainConfig:
+        """Fill the flags left unset whose default depends on the model family (`sd` or `sdxl`)."""
+        values = self.to_flags(secrets=True)
+        return self.resolved(**{name: value for name, value in FAMILY_DEFAULTS[family].items() if values[name] is None})
 
     def save_yaml(self, path: str | Path, header: str = "") -> Path:
         """Write every flag to ``path`` (atomically); ``--config`` of that file reproduces the run."""
@@ -518,9 +586,10 @@ def _build_flat(kwargs: dict) -> FlatLoraConfig:
         raise ConfigError(errors)
     kwargs = {name: FLAT_DEFAULTS[name] for name in FLAT_DEFAULTS} | kwargs
     rho = kwargs["rho"]
-    if math.isfinite(rho) and rho > MAX_RHO:
-        errors.append(f"`--rho` {rho} is too large: the noise norm would be {rho:.0%} of each weight row's norm. "
-                      f"Use 0.05-0.2 (the paper: 0.1 for SDXL DreamBooth), at most {MAX_RHO}; 0 is plain LoRA.")
+    if not (math.isfinite(rho) and 0 <= rho <= MAX_RHO):  # the trainer's range; the core accepts [0, 1]
+        too_large = f" (the noise norm would be {rho:.0%} of each weight row's norm)" if rho > MAX_RHO else ""
+        errors.append(f"`--rho` must be a number in [0, {MAX_RHO}], got {rho!r}{too_large}. Use 0.05-0.2 (the paper: "
+                      "0.1 for SDXL DreamBooth); 0 is plain LoRA.")
         kwargs["rho"] = 0.0  # still check the other fields
     try:
         config = FlatLoraConfig(**kwargs)
@@ -553,6 +622,9 @@ def _cross_errors(built: dict) -> list[str]:
             errors.append("`--use_8bit_adam` needs a CUDA GPU; drop the flag on this machine.")
     if memory and memory.mixed_precision == "fp16" and not _cuda_available():
         errors.append("`--mixed_precision fp16` needs a CUDA GPU; use `bf16` or `no` on this machine.")
+    data = built.get("data")
+    if data and data.prior_generation_precision == "fp16" and not _cuda_available():
+        errors.append("`--prior_generation_precision fp16` needs a CUDA GPU; use `fp32` or `bf16` on this machine.")
     if memory and memory.enable_xformers_memory_efficient_attention:
         if not _installed("xformers"):
             errors.append("`--enable_xformers_memory_efficient_attention` needs the `xformers` package "
@@ -577,6 +649,8 @@ def _cuda_available() -> bool:
 
 
 def _unknown_key_error(key: str, where: str, prefix: str = "") -> str:
+    if key in REFUSED:
+        return f"`{prefix}{key}`{where} (a flag of diffusers' scripts) is not supported: {REFUSED[key]}"
     close = difflib.get_close_matches(str(key), list(FLAGS), n=1)
     hint = f" Did you mean `{prefix}{close[0]}`?" if close else " See `--help` for the flags."
     what = "flag" if prefix else "setting"
@@ -602,6 +676,24 @@ def _convert_cli(text: str, hint):
 
 
 _METAVARS = {int: "N", float: "X", str: "TEXT"}
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+class _BoolFlag(argparse.Action):
+    """``--x`` / ``--no-x``, and diffusers' ``--x True`` / ``--x=false`` (their `type=bool` flags).
+    A value that is not a boolean is kept as text, for `load_config` to report."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        negated = [f"--no-{s[2:]}" for s in option_strings]
+        super().__init__([*option_strings, *negated], dest, nargs="?", metavar="true|false", **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value is None:
+            setattr(namespace, self.dest, not option_string.startswith("--no-"))
+        else:
+            parsed = _BOOLS.get(value.strip().lower(), value)
+            setattr(namespace, self.dest, (not parsed) if option_string.startswith("--no-") and parsed in (True, False)
+                    else parsed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -614,18 +706,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train_dreambooth_flatlora.py",
         description="DreamBooth LoRA fine-tuning of Stable Diffusion / SDXL with Flat-LoRA. "
                     "Every flag can also be set in a `--config` YAML file (keys are flag names).",
+        epilog="Refused flags of diffusers' DreamBooth LoRA scripts, each with its reason when given: "
+               + ", ".join(f"--{name}" for name in REFUSED) + ".",
         argument_default=argparse.SUPPRESS,
         allow_abbrev=False,
     )
     parser.add_argument("--config", metavar="FILE.yaml",
                         help="YAML file of flag values (keys are flag names); the command line overrides it.")
+    parser.add_argument("--local_rank", "--local-rank", dest=LAUNCHER_RANK, metavar="N",
+                        help="Set by `torch.distributed.launch`; ignored: the rank comes from `LOCAL_RANK`, as in "
+                             "accelerate.")
     groups = {name: parser.add_argument_group(name, (cls.__doc__ or "").strip()) for name, cls in SECTIONS.items()}
     groups["flat"] = parser.add_argument_group("flat-lora", FlatLoraConfig.__doc__.strip().splitlines()[0])
     for flag in FLAGS.values():
         help_text = flag.help + ("" if flag.default in (None, []) else f" [default: {_show(flag.default)}]")
         kwargs: dict = {"help": help_text.replace("%", "%%"), "dest": flag.name}
         if flag.hint is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["action"] = _BoolFlag
         elif flag.choices:
             kwargs["metavar"] = "{" + ",".join(flag.choices) + "}"
         else:
@@ -633,6 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["metavar"] = "A,B,..." if typing.get_origin(base) is list else _METAVARS.get(base, "VALUE")
         groups[flag.section].add_argument(f"--{flag.name}", **kwargs)
     return parser
+
+
+LAUNCHER_RANK = "_launcher_local_rank"  # `--local_rank`: accepted for launchers, not a setting
 
 
 def _show(value) -> str:
@@ -657,7 +757,7 @@ def read_yaml(path: str | Path) -> tuple[dict, list[str]]:
             errors.append(_unknown_key_error(key, where))
             continue
         flag = FLAGS[key]
-        value = _coerce_yaml(value, flag.hint)
+        value = flag.normalise(_coerce_yaml(value, flag.hint))
         if typing.get_origin(_strip_none(flag.hint)) is list and isinstance(value, str):
             value = _parse_list(value)  # `to_q,to_k` is accepted as in the command line
         if not _type_ok(value, flag.hint):
@@ -673,11 +773,14 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     """Parse the command line (and its ``--config`` YAML) into a validated `TrainConfig`."""
     namespace, unknown = build_parser().parse_known_args(argv)
     args = vars(namespace)
+    args.pop(LAUNCHER_RANK, None)
     values, errors = {}, []
+    after_flag = False  # the values of an unknown or refused flag are not reported again
     for arg in unknown:
         if arg.startswith("--"):
             errors.append(_unknown_key_error(arg[2:].split("=")[0], " on the command line", "--"))
-        elif not errors or not errors[-1].startswith("Unknown flag"):
+            after_flag = True
+        elif not after_flag:
             errors.append(f"Unexpected argument {arg!r}: every value needs its flag (`--name value`).")
     if "config" in args:
         values, yaml_errors = read_yaml(args.pop("config"))

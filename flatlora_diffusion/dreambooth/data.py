@@ -43,7 +43,11 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".
 CAPTION_SUFFIX = ".txt"
 DEMO_INSTANCE_PROMPT = "a photo of sks dog"
 DEMO_CLASS_PROMPT = "a photo of dog"
-_RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC}
+# diffusers' `--image_interpolation_mode` choices (torchvision's modes) as Pillow filters; torchvision
+# resizes PIL images with Pillow, mapping `nearest_exact` to Pillow's NEAREST as here.
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "box": Image.Resampling.BOX,
+            "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS,
+            "nearest": Image.Resampling.NEAREST, "nearest_exact": Image.Resampling.NEAREST}
 _SKIP_HINT = "Fix or remove the file, or pass `--skip_bad_images` to skip unreadable images with a warning."
 
 
@@ -256,7 +260,7 @@ class DataConfig:
     bucket_step: int | None = field(default=None, metadata={"help": "Bucket side granularity (multiple of 8); "
                                                                      "default `default_bucket_step(resolution)`."})
     max_aspect: float = field(default=2.0, metadata={"help": "Largest bucket aspect ratio (long / short side)."})
-    interpolation: str = field(default="lanczos", metadata={"help": "Resize filter: `lanczos` or `bicubic`."})
+    interpolation: str = field(default="lanczos", metadata={"help": "Resize filter, a key of `RESAMPLE`."})
     skip_bad_images: bool = field(default=False, metadata={"help": "Skip unreadable images with a warning "
                                                                     "instead of stopping."})
     seed: int = field(default=0, metadata={"help": "Seed of crops, flips and batch order."})
@@ -267,8 +271,8 @@ class DataConfig:
             errors.append(f"`--resolution` must be a positive multiple of 8 (the VAE's factor), got {self.resolution!r}.")
         if not isinstance(self.repeats, int) or self.repeats < 1:
             errors.append(f"`--repeats` must be an integer >= 1, got {self.repeats!r}.")
-        if self.interpolation not in _RESAMPLE:
-            errors.append(f"`--interpolation` must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}.")
+        if self.interpolation not in RESAMPLE:
+            errors.append(f"`--image_interpolation_mode` must be one of {', '.join(RESAMPLE)}, got {self.interpolation!r}.")
         if not isinstance(self.max_aspect, (int, float)) or self.max_aspect < 1:
             errors.append(f"`--max_aspect` must be a number >= 1, got {self.max_aspect!r}.")
         if self.bucket_step is not None and (
@@ -374,7 +378,7 @@ class DreamBoothDataset(Dataset):
         height, width = bucket
         scale = max(height / image.height, width / image.width)
         resized_h, resized_w = max(height, round(image.height * scale)), max(width, round(image.width * scale))
-        image = image.resize((resized_w, resized_h), _RESAMPLE[cfg.interpolation])
+        image = image.resize((resized_w, resized_h), RESAMPLE[cfg.interpolation])
         gen = torch.Generator().manual_seed(mix_seed(cfg.seed, epoch, index, int(is_class)))
         if cfg.center_crop:
             top, left = (resized_h - height) // 2, (resized_w - width) // 2

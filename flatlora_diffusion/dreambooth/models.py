@@ -265,7 +265,22 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Te
     snr = compute_snr(noise_scheduler, timesteps)  # (B,)
     weight = snr.clamp(max=snr_gamma)
     if noise_scheduler.config.prediction_type == "v_prediction":
-        weight = weight / (snr + 1)
+        weight = weight / (snr + 1)  # the paper's v weight; diffusers' DreamBooth scripts use min(snr, γ)/snr + 1
     else:
         weight = weight / snr
     return loss * weight
+
+
+def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, is_class: torch.Tensor,
+                    noise_scheduler, snr_gamma: float | None, prior_loss_weight: float) -> torch.Tensor:
+    """The loss of a batch (B,) of instance and class samples, as diffusers' DreamBooth scripts: the
+    instance loss (min-SNR weighted with ``snr_gamma``) plus ``prior_loss_weight`` times the plain
+    MSE of the class samples (min-SNR weights the instance loss only)."""
+    instance = ~is_class
+    loss = pred.new_zeros((), dtype=torch.float32)
+    if instance.any():
+        loss = diffusion_loss(pred[instance], target[instance], timesteps[instance], noise_scheduler, snr_gamma).mean()
+    if is_class.any():
+        prior = diffusion_loss(pred[is_class], target[is_class], timesteps[is_class], noise_scheduler, None).mean()
+        loss = loss + prior_loss_weight * prior
+    return loss

@@ -11,7 +11,7 @@ One step, for each micro-batch of an optimiser step:
     latents = VAE(pixels) (or the cache)                   # (B, 4, H/8, W/8)
     noisy = scheduler.add_noise(latents, noise, t)         # noise and t from a generator keyed by the batch
     pred = unet(noisy, t, text_embeds[, SDXL added cond])  # frozen weights + noise + LoRA
-    loss = mse(pred, noise or velocity) [min-SNR] [+ prior loss on class images]
+    loss = mse(pred, noise or velocity) [min-SNR] [+ plain-MSE prior loss on class images]
     backward; on the last micro-batch: clip, optimiser step, lr step
 
 Randomness is keyed, not streamed: the diffusion noise and timesteps of a micro-batch come from a
@@ -36,12 +36,13 @@ from tqdm.auto import tqdm
 
 from flatlora_diffusion.dreambooth import checkpoints as ckpt
 from flatlora_diffusion.dreambooth import data as db_data
+from flatlora_diffusion.dreambooth import hub
 from flatlora_diffusion.dreambooth.config import ConfigError, TrainConfig, with_seed
 from flatlora_diffusion.dreambooth.models import (
     Components,
     ModelError,
     detect_family,
-    diffusion_loss,
+    dreambooth_loss,
     load_components,
     read_model_index,
     resolve_model_path,
@@ -85,6 +86,7 @@ class DreamBoothTrainer:
         self.finished = False  # resumed from a checkpoint at the last step: nothing to train or write
         self.losses: list[float] = []  # per optimiser step, averaged over micro-batches and processes
         self.logs: list[dict] = []  # what was logged at each optimiser step
+        self.hub_repo: str | None = None  # `--push_to_hub`: the repository, checked in setup
 
     # ------------------------------------------------------------------------------------------
     # setup: the order matters -- accelerator (process index, device, precision) first; inputs are
@@ -154,15 +156,21 @@ class DreamBoothTrainer:
         return accelerator
 
     def _check_inputs(self) -> tuple[str, Path | None]:
-        """Every file-level problem at once: base model, instance/class images, resume checkpoint."""
+        """Every file-level problem at once: base model, instance/class images, resume checkpoint, Hub access."""
         cfg, errors = self.config, []
-        model_path = cfg.model.pretrained_model_name_or_path
+        model_path, family = cfg.model.pretrained_model_name_or_path, "sd"
         try:
             with self.accelerator.main_process_first():  # `tiny:` models are built once
                 model_path = resolve_model_path(model_path)
-            detect_family(read_model_index(model_path, cfg.model.revision, cfg.model.cache_dir), model_path)
+            family = detect_family(read_model_index(model_path, cfg.model.revision, cfg.model.cache_dir), model_path).name
         except ModelError as err:
             errors.append(str(err))
+        self.config = cfg = cfg.with_family_defaults(family)  # SDXL: 1024 px; before the data is read
+        if cfg.checkpoint.push_to_hub:  # before any work: an upload that cannot happen is known now
+            try:
+                self.hub_repo = hub.check_access(cfg.checkpoint.hub_model_id, self.output_dir, cfg.checkpoint.hub_token)
+            except hub.HubError as err:
+                errors.append(str(err))
         resume_dir = None
         try:
             resume_dir = ckpt.resolve_resume(cfg.checkpoint.resume_from_checkpoint, self.output_dir)
@@ -214,15 +222,20 @@ class DreamBoothTrainer:
 
     def _setup_class_images(self) -> None:
         """Generate the missing class images with the base model (main process; the others wait)."""
-        from flatlora_diffusion.sampling import pipeline_from_models
+        from flatlora_diffusion.sampling import load_pipeline, pipeline_from_models
 
-        cfg, c = self.config.data, self.components
+        cfg, c, model = self.config.data, self.components, self.config.model
         if self.accelerator.is_main_process:
-            pipe = pipeline_from_models(
-                c.path, unet=c.unet, vae=c.vae, device=self.accelerator.device, dtype=self.weight_dtype,
-                text_encoders=dict(zip(c.family.text_encoders, c.text_encoders, strict=True)),
-                revision=self.config.model.revision, variant=self.config.model.variant,
-            )
+            if cfg.prior_generation_precision is None:  # the training models, in their dtype
+                pipe = pipeline_from_models(
+                    c.path, unet=c.unet, vae=c.vae, device=self.accelerator.device, dtype=self.weight_dtype,
+                    text_encoders=dict(zip(c.family.text_encoders, c.text_encoders, strict=True)),
+                    revision=model.revision, variant=model.variant,
+                )
+            else:  # a separate copy in the asked precision (`no` is fp32, as in diffusers)
+                dtype = WEIGHT_DTYPES.get(cfg.prior_generation_precision, torch.float32)
+                pipe = load_pipeline(c.path, device=self.accelerator.device, dtype=dtype, revision=model.revision,
+                                     variant=model.variant, vae=model.pretrained_vae_model_name_or_path)
             db_data.generate_class_images(
                 pipe, cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images,
                 sample_batch_size=cfg.sample_batch_size, steps=cfg.class_num_inference_steps, seed=self.seed,
@@ -251,8 +264,8 @@ class DreamBoothTrainer:
             try:
                 if name == "unet":  # diffusers' Gaussian init, as its scripts
                     model.add_adapter(lora(targets, "gaussian"))
-                else:  # peft's default init; through peft itself, as transformers 5's `add_adapter` needs peft >= 0.22
-                    config = lora(targets, True)
+                else:  # the same init; through peft itself, as transformers 5's `add_adapter` needs peft >= 0.22
+                    config = lora(targets, "gaussian")
                     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
                     model.peft_config = {ADAPTER: config}  # what `get_peft_model_state_dict` reads
             except ValueError as err:
@@ -284,7 +297,8 @@ class DreamBoothTrainer:
         return db_data.DataConfig(resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
                                   repeats=cfg.repeats, enable_bucketing=cfg.enable_bucketing,
                                   bucket_step=cfg.bucket_step, max_aspect=cfg.max_aspect,
-                                  interpolation=cfg.interpolation, skip_bad_images=cfg.skip_bad_images, seed=self.seed)
+                                  interpolation=cfg.image_interpolation_mode, skip_bad_images=cfg.skip_bad_images,
+                                  seed=self.seed)
 
     def _setup_data(self):
         cfg = self.config.data
@@ -447,12 +461,9 @@ class DreamBoothTrainer:
             added = {"text_embeds": pooled, "time_ids": ids}
         pred = self.wrapped["unet"](noisy, timesteps, embeds, added_cond_kwargs=added).sample
         target = training_target(c.noise_scheduler, latents, noise, timesteps)
-        per_sample = diffusion_loss(pred, target, timesteps, c.noise_scheduler, cfg.optim.snr_gamma)  # (B,)
-        is_class = batch["is_class"].to(per_sample.device)
-        if not is_class.any():
-            return per_sample.mean()
-        loss = per_sample[~is_class].mean() if (~is_class).any() else per_sample.new_zeros(())
-        return loss + cfg.data.prior_loss_weight * per_sample[is_class].mean()
+        is_class = batch["is_class"].to(pred.device)  # (B,)
+        return dreambooth_loss(pred, target, timesteps, is_class, c.noise_scheduler, cfg.optim.snr_gamma,
+                               cfg.data.prior_loss_weight)
 
     def _latents(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
         """Scaled VAE latents in the UNet's dtype, sampled from the posterior with ``gen``."""
@@ -738,8 +749,10 @@ class DreamBoothTrainer:
                                "writing it now.", self.output_dir, self.global_step)
             info = self._save_adapter(self.output_dir, kohya=self.config.checkpoint.output_kohya_format)
             images = self._final_validation() if self.config.validation.final_validation else []
-            adapters.write_model_card(self.output_dir, info, images)
+            adapters.write_model_card(self.output_dir, info, images, hub_repo=self.hub_repo)
             logger.info("Saved the adapter to `%s`.", out)
+            if self.hub_repo is not None:
+                self._push()
         acc.wait_for_everyone()
         return out
 
@@ -752,6 +765,15 @@ class DreamBoothTrainer:
         except adapters.AdapterError:
             return False
         return info.training.get("steps") == self.global_step and (self.output_dir / adapters.CARD_NAME).is_file()
+
+    def _push(self) -> None:
+        """Upload the output folder (`--push_to_hub`); a failure keeps everything on disk and says how to retry."""
+        try:
+            url = hub.push(self.output_dir, self.hub_repo, self.config.checkpoint.hub_token)
+        except Exception as err:  # network or Hub errors of any kind: the run's outputs are safe on disk
+            raise hub.HubError(f"`--push_to_hub`: the upload to `{self.hub_repo}` failed ({err}). Everything is in "
+                               f"`{self.output_dir}`; upload it with `hf upload {self.hub_repo} {self.output_dir}`.") from err
+        logger.info("Pushed `%s` to %s.", self.output_dir, url)
 
     def _final_validation(self) -> list[Path]:
         """Load the saved adapter into a fresh pipeline through the public API and sample it."""
@@ -816,7 +838,8 @@ class DreamBoothTrainer:
 
 
 # Bad input and stopped runs: the entry point prints these without a traceback.
-USER_ERRORS = (ConfigError, DreamBoothError, TrainingError, ModelError, ckpt.CheckpointError, db_data.DataError)
+USER_ERRORS = (ConfigError, DreamBoothError, TrainingError, ModelError, ckpt.CheckpointError, db_data.DataError,
+               hub.HubError)
 
 
 def _cpu_data_parallel() -> bool:
