@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -140,3 +141,26 @@ def serve_app(studio) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
+
+
+@contextmanager
+def captured_logs(*names: str, level: int = logging.WARNING) -> Iterator[list[str]]:
+    """Messages logged at `level` or above on the named loggers (and their children) inside the block.
+
+    A handler on each logger: the libraries' own loggers do not propagate to the root, where caplog listens.
+    """
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(f"{record.name}: {record.getMessage()}")
+
+    messages: list[str] = []
+    handler = Collect(level)
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
