@@ -148,6 +148,7 @@ def build_demo(studio: Studio):
                                  value=scales.get(names[i], 1.0) if i < len(names) else 1.0) for i in range(slots)]
             return {"slots": names, "scales": scales}, *updates
 
+        # B008: gradio finds its progress tracker by the `gr.Progress()` default.
         @ui_errors
         def generate(prompt: str, negative_prompt: str, adapters: list[str], compare: bool, seed: int,
                      randomise_seed: bool, steps: int, guidance_scale: float, width: int, height: int,
