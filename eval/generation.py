@@ -13,7 +13,6 @@ same seed, so a resumed run gives the same images as an uninterrupted one).
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import warnings
@@ -201,8 +200,7 @@ def generate_missing(tasks: list[ImageTask], todo: dict[int, list[int]], config:
                     pipe.delete_adapters(loaded[0])
                 name = adapter_name_for(f"{task.run}_{task.subject}")
                 try:
-                    with _quiet_diffusers():  # "no LoRA keys for the text encoder" is expected for UNet-only LoRAs
-                        info = load_adapter(pipe, task.adapter, name)
+                    info = load_adapter(pipe, task.adapter, name)  # quiet about a UNet-only LoRA's text encoders
                     _check_identifier(info, config.identifier)
                 except AdapterError as err:
                     raise EvalError(f"`--adapters` run `{task.run}`, subject `{task.subject}`: {err}") from err
@@ -223,18 +221,6 @@ def generate_missing(tasks: list[ImageTask], todo: dict[int, list[int]], config:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return written
-
-
-@contextlib.contextmanager
-def _quiet_diffusers():
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(level)
 
 
 def _check_identifier(info, identifier: str) -> None:

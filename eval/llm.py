@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from eval.config import DTYPES, LLMConfig, resolve_device
 from eval.errors import EvalError
+from flatlora_diffusion.quiet import benign_warnings
 
 
 def load_causal_lm(config: LLMConfig):
@@ -36,7 +37,8 @@ def load_causal_lm(config: LLMConfig):
 
         if not (Path(config.adapter) / "adapter_config.json").is_file():
             raise EvalError(f"`--adapter` `{config.adapter}` has no `adapter_config.json`; pass a peft adapter folder.")
-        model = PeftModel.from_pretrained(model, config.adapter)
+        with benign_warnings():
+            model = PeftModel.from_pretrained(model, config.adapter)
     model.to(resolve_device(config.device)).eval().requires_grad_(False)
     # A tokenizer saved with the adapter wins: it carries the chat template the adapter was trained with.
     has_own = config.adapter is not None and (Path(config.adapter) / "tokenizer_config.json").is_file()

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from flatlora_diffusion import files
+from flatlora_diffusion.quiet import no_lora_keys_notice
 
 logger = logging.getLogger(__name__)
 
@@ -407,8 +408,15 @@ def load_adapter(pipe, adapter_dir: str | os.PathLike, adapter_name: str) -> Ada
         raise AdapterError(f"Adapter `{info.path}` was trained on a UNet with cross-attention width "
                            f"{info.cross_attention_dim} (base `{info.base_model}`), but this pipeline's is {pipe_dim} "
                            "(e.g. SD 1.x is 768, SD 2.x 1024); use the base model it was trained on.")
+    shapes = _weight_shapes(info.path / WEIGHTS_NAME)
+    problems = _shape_problems(pipe, shapes)
+    if problems:  # before diffusers: it would warn about every layer, then fail on the first
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise AdapterError(f"Could not load adapter `{info.path}`: its layer shapes do not match this pipeline's "
+                           f"model (another architecture?): {'; '.join(problems[:3])}{more}.")
     try:
-        pipe.load_lora_weights(str(info.path), adapter_name=adapter_name)
+        with no_lora_keys_notice(_components_without_weights(pipe, shapes)):
+            pipe.load_lora_weights(str(info.path), adapter_name=adapter_name)
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
         _discard(pipe, adapter_name)
         mismatch = any(marker in str(err) for marker in _SIZE_MISMATCH)
@@ -418,6 +426,47 @@ def load_adapter(pipe, adapter_dir: str | os.PathLike, adapter_name: str) -> Ada
         raise AdapterError(f"Adapter `{info.path}` has no layer that matches this pipeline's model; "
                            "it was made for another architecture.")
     return info
+
+
+def _weight_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape, from the safetensors header (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+
+def _shape_problems(pipe, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """UNet layers of the file (``unet.<layer>.lora.down.weight`` or peft's ``lora_A``) missing or of other widths.
+
+    down/A is (rank, inputs[, k, k]) and up/B (outputs, rank[, 1, 1]), like the layer's own weight
+    (outputs, inputs[, k, k]). A wrong architecture always shows in the UNet; other keys are left to diffusers.
+    """
+    problems = []
+    for key, shape in shapes.items():
+        if not key.startswith("unet."):
+            continue
+        for markers, dim, what in (((".lora.down.", ".lora_A."), 1, "inputs"), ((".lora.up.", ".lora_B."), 0, "outputs")):
+            marker = next((m for m in markers if m in key), None)
+            if marker is None:
+                continue
+            layer = key.removeprefix("unet.").split(marker)[0]
+            try:
+                width = pipe.unet.get_submodule(layer).weight.shape[dim]  # a peft-wrapped layer: its base weight
+            except AttributeError:
+                problems.append(f"layer `unet.{layer}` does not exist here")
+                continue
+            if len(shape) > dim and shape[dim] != width:
+                problems.append(f"`unet.{layer}` has {shape[dim]} {what} in the adapter, {width} here")
+    return problems
+
+
+def _components_without_weights(pipe, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """The pipeline's text encoders the file has no weights for (none when it is in kohya format)."""
+    if any(key.startswith("lora_te") for key in shapes):
+        return []
+    return [name for name in ("text_encoder", "text_encoder_2")
+            if getattr(pipe, name, None) is not None and not any(key.startswith(f"{name}.") for key in shapes)]
 
 
 def _discard(pipe, adapter_name: str) -> None:

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_BASE = "toy:sd"
 DEFAULT_ADAPTERS = ("outputs/demo",)
 QUEUE_SIZE = 16  # requests waiting beyond this are refused ("queue full") instead of piling up
+API_NAME = "generate"  # the one API endpoint: `gradio_client.Client(url).predict(..., api_name="/generate")`
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -101,7 +102,7 @@ def build_demo(studio: Studio):
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", max_length=lim.max_prompt_chars,
                                     value=_default_prompt(studio))
-                negative = gr.Textbox(label="Negative prompt", lines=1, max_length=lim.max_prompt_chars)
+                negative = gr.Textbox(label="Negative prompt", lines=1, max_length=lim.max_prompt_chars, value="")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
                 selected = gr.CheckboxGroup(choices=list(studio.adapters), value=list(studio.adapters)[:1],
                                             label=f"Adapters (up to {slots})", elem_id="adapters")
@@ -124,10 +125,10 @@ def build_demo(studio: Studio):
                     scheduler = gr.Dropdown([DEFAULT_SCHEDULER, *SCHEDULERS], value=DEFAULT_SCHEDULER,
                                             label="Scheduler")
             with gr.Column(scale=3):
-                gallery = gr.Gallery(label="Images (download: PNG with the settings as text chunks)",
-                                     elem_id="gallery", columns=2, height=420, object_fit="contain",
+                gallery = gr.Gallery(label="Images", elem_id="gallery", columns=2, height=420, object_fit="contain",
                                      buttons=["download", "fullscreen"])
-                status = gr.Markdown(elem_id="status")
+                gr.Markdown("Downloads are PNGs with the settings as text chunks.")
+                status = gr.Markdown(label="Summary", elem_id="status")
         with gr.Accordion("Adapters and their training settings", open=True):
             table = gr.Markdown(studio.describe(), elem_id="adapter-table")
             with gr.Row():
@@ -147,20 +148,45 @@ def build_demo(studio: Studio):
                                  value=scales.get(names[i], 1.0) if i < len(names) else 1.0) for i in range(slots)]
             return {"slots": names, "scales": scales}, *updates
 
+        # B008: gradio finds its progress tracker by the `gr.Progress()` default.
         @ui_errors
-        def sample(values: dict, progress=gr.Progress()):  # noqa: B008 (gradio finds its tracker by this default)
-            """`values`: {component: value}, since the inputs are given as a set."""
-            names = list(values[selected] or [])
+        def generate(prompt: str, negative_prompt: str, adapters: list[str], compare: bool, seed: int,
+                     randomise_seed: bool, steps: int, guidance_scale: float, width: int, height: int,
+                     num_images: int, scheduler: str, progress=gr.Progress(), **scales: float):  # noqa: B008
+            """Draw images with the selected adapters (the app's API: `client.predict(..., api_name="/generate")`).
+
+            Parameters:
+                prompt: what to draw
+                negative_prompt: what to avoid ("" for none)
+                adapters: names of the adapters to use, as the page lists them (at most 4 by default)
+                compare: true: the base and each adapter alone, one column each; false: all adapters together
+                seed: seed of the first image; image i uses seed + i
+                randomise_seed: draw a random seed instead (the seed used is returned)
+                steps: denoising steps
+                guidance_scale: classifier-free guidance scale
+                width: image width in pixels (multiple of 8)
+                height: image height in pixels (multiple of 8)
+                num_images: images per column
+                scheduler: `default` (the base model's own) or a scheduler name
+                scale_0: scale of the first adapter in `adapters` (scale_1 of the second, and so on)
+            Returns:
+                the images with captions, row by row; the seed used; a summary of what was drawn
+            """
+            names = list(adapters or [])
             if len(names) > slots:
                 raise StudioError(f"Select at most {slots} adapters, got {len(names)}.")
-            seed_value = secrets.randbelow(2**32) if values[randomise] else values[seed]
-            settings = studio.settings(values[prompt], values[negative], seed=seed_value, steps=values[steps],
-                                       guidance_scale=values[guidance], width=values[width], height=values[height],
-                                       num_images=values[num_images], scheduler=values[scheduler])
-            adapters = dict(zip(names, [values[slider] for slider in sliders], strict=False))
-            run_fn = studio.compare if values[compare] else studio.generate
-            result = run_fn(settings, adapters, progress=lambda done, total, what: progress((done, total), desc=what))
-            return gr.Gallery(value=result.gallery(), columns=len(result.columns)), settings.seed, result.summary()
+            seed_value = secrets.randbelow(2**32) if randomise_seed else seed
+            settings = studio.settings(prompt, negative_prompt, seed=seed_value, steps=steps,
+                                       guidance_scale=guidance_scale, width=width, height=height,
+                                       num_images=num_images, scheduler=scheduler)
+            chosen = dict(zip(names, [scales[f"scale_{i}"] for i in range(slots)], strict=False))
+            run_fn = studio.compare if compare else studio.generate
+            result = run_fn(settings, chosen, progress=lambda done, total, what: progress((done, total), desc=what))
+            return result.gallery(), settings.seed, result.summary()
+
+        def layout(names, compare_all):
+            """The gallery's columns for the request about to run: one per model drawn."""
+            return gr.Gallery(columns=1 + len(list(names or [])[:slots]) if compare_all else 1)
 
         def refresh(names):
             studio.scan()
@@ -169,13 +195,18 @@ def build_demo(studio: Studio):
             return (gr.CheckboxGroup(choices=list(studio.adapters), value=kept), studio.describe(),
                     gr.Dropdown(choices=list(studio.adapters), value=first), studio.validation_images(first or ""))
 
-        # Cheap UI events skip the one-at-a-time limit, so they never wait behind a generation.
-        fast = {"concurrency_limit": None, "show_progress": "hidden"}
+        # Cheap UI events skip the one-at-a-time limit, so they never wait behind a generation. Only
+        # `generate` is part of the API; the other events only update the page.
+        fast = {"concurrency_limit": None, "show_progress": "hidden", "api_visibility": "private"}
         selected.change(assign, [selected, scales_state, *sliders], [scales_state, *sliders], **fast)
         demo.load(assign, [selected, scales_state, *sliders], [scales_state, *sliders], **fast)
-        run.click(sample, {prompt, negative, selected, compare, seed, randomise, steps, guidance, width, height,
-                           num_images, scheduler, *sliders}, [gallery, seed, status], concurrency_limit=1)
-        rescan.click(ui_errors(refresh), [selected], [selected, table, shown, validation], concurrency_limit=1)
+        inputs = [prompt, negative, selected, compare, seed, randomise, steps, guidance, width, height, num_images,
+                  scheduler]
+        run.click(layout, [selected, compare], [gallery], **fast).then(
+            generate, inputs, [gallery, seed, status], inputs_kwargs={f"scale_{i}": s for i, s in enumerate(sliders)},
+            api_name=API_NAME, concurrency_limit=1)
+        rescan.click(ui_errors(refresh), [selected], [selected, table, shown, validation], concurrency_limit=1,
+                     api_visibility="private")
         shown.change(lambda name: studio.validation_images(name or ""), [shown], [validation], **fast)
     # One generation at a time (the pipeline is shared); others wait in line, up to QUEUE_SIZE of them.
     return demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)

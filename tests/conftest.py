@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -121,3 +124,43 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@contextmanager
+def serve_app(studio) -> Iterator[str]:
+    """The app for `studio` on a free port of 127.0.0.1; yields its URL and stops the server after."""
+    import socket
+
+    from flatlora_diffusion.app_ui import launch
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    demo = launch(studio, host="127.0.0.1", port=port, prevent_thread_lock=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@contextmanager
+def captured_logs(*names: str, level: int = logging.WARNING) -> Iterator[list[str]]:
+    """Messages logged at `level` or above on the named loggers (and their children) inside the block.
+
+    A handler on each logger: the libraries' own loggers do not propagate to the root, where caplog listens.
+    """
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(f"{record.name}: {record.getMessage()}")
+
+    messages: list[str] = []
+    handler = Collect(level)
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)

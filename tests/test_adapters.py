@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import add_random_lora, save_random_adapter
+from conftest import add_random_lora, captured_logs, save_random_adapter
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -147,16 +147,21 @@ def _rewrite(src, dst, edit):
     return dst
 
 
-def test_wrong_architecture_is_refused_and_pipeline_left_clean(tiny_sdxl_path, tiny_sd_path, sd_adapter_dir, tmp_path):
+def test_wrong_architecture_is_refused_and_pipeline_left_clean(tiny_sdxl_path, tiny_sd_path, sd_adapter_dir, tmp_path,
+                                                               recwarn):
     pipe = load_pipeline(tiny_sdxl_path)
     base = _pixels(generate(pipe, SETTINGS))
     with pytest.raises(AdapterError, match="trained for SD .* but the pipeline is SDXL"):
         load_adapter(pipe, sd_adapter_dir, "dog")
-    # Made by another tool (no metadata of ours): diffusers' shape error is translated.
+    # Made by another tool (no metadata of ours): refused from the file's layer shapes, before diffusers
+    # and peft try (and warn about every layer: "an inconsistency was discovered ...").
     foreign = _rewrite(sd_adapter_dir, tmp_path / "foreign", lambda md: md.pop(METADATA_KEY))
     assert read_adapter_info(foreign).model_type is None
-    with pytest.raises(AdapterError, match="layer shapes do not match"):
+    recwarn.clear()
+    with pytest.raises(AdapterError, match=r"layer shapes do not match this pipeline's model \(another "
+                                           r"architecture\?\): (layer )?`unet\.[\w.]+` (does not exist|has \d+)"):
         load_adapter(pipe, foreign, "dog")
+    assert [str(w.message)[:80] for w in recwarn] == []
     assert not any(pipe.get_list_adapters().values())
     assert np.array_equal(_pixels(generate(pipe, SETTINGS)), base)
 
@@ -167,6 +172,15 @@ def test_wrong_architecture_is_refused_and_pipeline_left_clean(tiny_sdxl_path, t
     sd2 = _rewrite(sd_adapter_dir, tmp_path / "sd2", wider)
     with pytest.raises(AdapterError, match="cross-attention width 1024"):
         load_adapter(load_pipeline(tiny_sd_path), sd2, "dog")
+
+
+def test_unet_only_adapter_loads_without_the_text_encoder_notice(tiny_sd_path, tmp_path):
+    adapter = save_random_adapter(tiny_sd_path, tmp_path / "unet_only", text_encoders=False)
+    pipe = load_pipeline(tiny_sd_path)
+    with captured_logs("diffusers") as logs:
+        load_adapter(pipe, adapter, "dog")
+    assert logs == []  # not "No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'"
+    assert set(pipe.get_list_adapters()) == {"unet"}
 
 
 def test_adapter_names_are_checked(tiny_sd_path, sd_adapter_dir):

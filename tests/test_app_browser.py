@@ -14,11 +14,11 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import serve_app
 
 CHROMIUM = "/usr/bin/chromium"
 # Offline machine: without the background-networking flags Chromium's own connections are refused in bulk.
@@ -66,18 +66,13 @@ def browser():
 def app_url(tiny_sd_path, sd_adapter_dir, sdxl_adapter_dir, tmp_path_factory):
     """The app on a free local port, serving a good SD adapter and an SDXL one (wrong architecture)."""
     from flatlora_diffusion.app_studio import Studio
-    from flatlora_diffusion.app_ui import launch
 
     root = tmp_path_factory.mktemp("browser_adapters")
     shutil.copytree(sd_adapter_dir, root / "dog")
     shutil.copytree(sdxl_adapter_dir, root / "xl")
     studio = Studio.open(str(tiny_sd_path), [root])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    demo = launch(studio, host="127.0.0.1", port=port, prevent_thread_lock=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with serve_app(studio) as url:
+        yield url
     studio.close()
 
 

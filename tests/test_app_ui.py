@@ -82,6 +82,6 @@ def test_page_builds_with_one_slider_per_selectable_adapter(tiny_sd_path, tmp_pa
     ids = {block.elem_id for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     assert {"prompt", "generate", "gallery", "adapters", "scale-0", "scale-3"} <= ids
     limits = {fn.name: fn.concurrency_limit for fn in demo.fns.values()}
-    assert limits["sample"] == 1 and limits["assign"] is None  # generations queue; UI updates never wait
+    assert limits["generate"] == 1 and limits["assign"] is None  # generations queue; UI updates never wait
     assert demo._queue.max_size == app_ui.QUEUE_SIZE
     assert "No adapter found" in studio.describe()

@@ -53,6 +53,7 @@ def run_demo(out_dir: str | Path, *, max_steps: int | None = None, n_train: int 
     `n_train` problems are written to the training file, of which `n_eval` (default: the config's
     `data.num_eval`) are held out for the evaluation loss; `n_test` are scored with the GSM8K evaluator.
     """
+    from eval.environment import environment
     from flatlora_diffusion.llm.synthetic import write_splits
     from flatlora_diffusion.llm.train import run
     from flatlora_diffusion.tiny import build_tiny
@@ -85,6 +86,7 @@ def run_demo(out_dir: str | Path, *, max_steps: int | None = None, n_train: int 
                       "steps": summary["global_step"], "train_seconds": round(summary["train_seconds"], 1),
                       "adapter": summary["adapter"]}
     results = {"runs": runs, "model": str(model), "train_data": str(train_file), "test_data": str(test_file),
-               "config": str(config_file), "seed": seed, "seconds": round(time.perf_counter() - start, 1)}
+               "config": str(config_file), "seed": seed, "seconds": round(time.perf_counter() - start, 1),
+               "environment": environment()}  # the figures are exact for one CPU type and these versions
     write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results

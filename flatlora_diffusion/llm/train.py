@@ -30,6 +30,7 @@ from torch import nn
 from flatlora_diffusion.files import write_text
 from flatlora_diffusion.llm.config import ConfigError, LLMError, LLMTrainConfig
 from flatlora_diffusion.llm.data import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE, Collator, build_datasets
+from flatlora_diffusion.quiet import benign_warnings
 
 QV_TARGETS = ("q_proj", "v_proj")
 
@@ -154,7 +155,8 @@ def merge_adapter(model_name: str, adapter_dir: str | Path, out_dir: str | Path,
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     base = load_base_model(model_name, dtype, **load_kwargs)
     check_adapter(base, adapter_dir, f"`--model` `{model_name}`")
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    with benign_warnings():
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out_dir)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     AutoTokenizer.from_pretrained(adapter_dir if has_tokenizer else model_name, **load_kwargs).save_pretrained(out_dir)
@@ -275,8 +277,6 @@ class LLMRecipe:
             load_best_model_at_end=t.load_best_at_end and has_eval,
             metric_for_best_model="eval_loss",
             greater_is_better=False,
-            gradient_checkpointing=t.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
             seed=t.seed,
             report_to=[] if t.report_to == "none" else [t.report_to],
             use_cpu=use_cpu,
@@ -286,11 +286,16 @@ class LLMRecipe:
             ddp_find_unused_parameters=False,
             **_precision_flags(self.config.model.dtype, use_cpu),
         )
+        parameters = inspect.signature(TrainingArguments).parameters
         # transformers 5 takes the warmup ratio as a float `warmup_steps`; 4.x has `warmup_ratio`.
-        if "warmup_ratio" in inspect.signature(TrainingArguments).parameters:
+        if "warmup_ratio" in parameters:
             kwargs["warmup_ratio"] = t.warmup_ratio
         else:
             kwargs["warmup_steps"] = t.warmup_ratio
+        # transformers 5 renames gradient checkpointing to activation checkpointing (the old names warn).
+        prefix = "activation" if "activation_checkpointing" in parameters else "gradient"
+        kwargs[f"{prefix}_checkpointing"] = t.gradient_checkpointing
+        kwargs[f"{prefix}_checkpointing_kwargs"] = {"use_reentrant": False}
         return TrainingArguments(**kwargs)
 
     def _setup_model(self):
@@ -310,7 +315,8 @@ class LLMRecipe:
                                  use_rslora=lora.use_rslora, use_dora=lora.use_dora,
                                  bias="none", task_type="CAUSAL_LM")
         # autocast_adapter_dtype: LoRA weights in fp32 even when the base is bf16/fp16.
-        model = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
+        with benign_warnings():
+            model = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
         return model.to(self.args.device)
 
     def _setup_optimizer(self):
