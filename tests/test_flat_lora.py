@@ -335,8 +335,9 @@ def test_state_is_o_of_rows():
     perturber.set_step(1)
     model(torch.randn(2, 512))  # σ is computed on each layer's first forward of the draw
     for noise, cached in zip(perturber._noise, perturber._weight_sq, strict=True):
-        assert noise.sigma.shape == noise.signs.shape == noise.merged_row_sq.shape == cached.shape == (64,)
-    assert perturber.sampler.pool_size == 2 * 64 * 512
+        assert noise.sigma.shape == noise.row_scale.shape == noise.merged_row_sq.shape == cached.shape == (64,)
+    assert perturber.sampler.fresh == 2 * 64 * 512  # fresh N(0, 1) samples per draw
+    assert perturber.sampler.pool_size == perturber.sampler.blocks * perturber.sampler.fresh
 
 
 # --- bad input ---------------------------------------------------------------------------------------
