@@ -34,10 +34,23 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
-from flatlora_diffusion.flat_lora import FlatLoraConfig, FlatLoraPerturber, mix_seed
+from flatlora_diffusion.flat_lora import FlatLoraConfig, FlatLoraPerturber, PooledSampler, mix_seed
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 VARIANTS = ("lora", "flat", "flat_gaussian", "reference")
+
+
+UNET_CONFIGS = {
+    "sd15": {"cross_attention_dim": 768},
+    "sdxl": {
+        "block_out_channels": (320, 640, 1280), "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048,
+        "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,
+    },
+}
 
 
 def build_unet(arch: str, resolution: int, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -46,17 +59,8 @@ def build_unet(arch: str, resolution: int, dtype: torch.dtype = torch.float32, d
 
     torch.manual_seed(0)
     latent = resolution // 8
-    if arch == "sd15":
-        unet = UNet2DConditionModel(sample_size=latent, cross_attention_dim=768)
-    elif arch == "sdxl":
-        unet = UNet2DConditionModel(
-            sample_size=latent, block_out_channels=(320, 640, 1280), layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,
-        )
+    if arch in UNET_CONFIGS:
+        unet = UNet2DConditionModel(sample_size=latent, **UNET_CONFIGS[arch])
     elif arch == "tiny":
         from flatlora_diffusion.tiny import build_tiny
 
@@ -231,6 +235,70 @@ def _rss_worker(args: argparse.Namespace) -> None:
     else:
         status = Path("/proc/self/status").read_text().splitlines()
         print(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024)  # kB
+
+
+def target_sizes(arch: str) -> list[int]:
+    """Weights of each LoRA-targeted linear of ``arch``'s UNet (built on the meta device: no memory)."""
+    from diffusers import UNet2DConditionModel
+
+    if arch == "tiny":
+        unet, _ = build_unet("tiny", 64)
+    else:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**UNET_CONFIGS[arch])
+    return [m.weight.numel() for name, m in unet.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.endswith(tuple(TARGETS))]
+
+
+def abs_corr_worst_shift(a: torch.Tensor, b: torch.Tensor, min_overlap: int = 1024) -> float:
+    """max over shifts δ of corr(|a_k|, |b_(k+δ)|) over the overlapping k (FFT cross-correlation, float64).
+
+    Two windows of one pool that share values line up at one shift: there the correlation is the
+    shared fraction of the overlap (1 for a copy); independent noise gives about 0.
+    """
+    a, b = a.abs().double().flatten(), b.abs().double().flatten()
+    la, lb = a.numel(), b.numel()
+    size = 1 << (la + lb).bit_length()
+    cross = torch.fft.irfft(torch.fft.rfft(a, size).conj() * torch.fft.rfft(b, size), size)  # Σ_k a_k b_(k+δ)
+    shifts = torch.arange(-la + 1, lb)
+    cross = cross[shifts % size]
+    lo, hi = (-shifts).clamp_min(0), torch.minimum(torch.full_like(shifts, la), lb - shifts)
+    count = (hi - lo).double()
+
+    def window_sums(x: torch.Tensor, start: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
+        prefix = torch.cat([x.new_zeros(1), x.cumsum(0)])
+        return prefix[stop] - prefix[start]
+
+    sa, saa = window_sums(a, lo, hi), window_sums(a.square(), lo, hi)
+    sb, sbb = window_sums(b, lo + shifts, hi + shifts), window_sums(b.square(), lo + shifts, hi + shifts)
+    cov = cross - sa * sb / count
+    var = (saa - sa.square() / count) * (sbb - sb.square() / count)
+    corr = cov / var.clamp_min(1e-300).sqrt()
+    return corr[count >= min_overlap].max().item()
+
+
+def sampler_dependence(sizes: list[int], max_pairs: int = 40, seed: int = 0) -> dict:
+    """How much the pooled sampler's layers of one draw depend on each other, for layers of ``sizes``.
+
+    ``reuse``: perturbed weights per pool value. ``abs_corr_worst_shift``: over ``max_pairs``
+    random layer pairs, corr(|z_a|, |z_b|) at the shift where it is largest (row signs do not
+    change |z|): mean, max, and the share of pairs above 0.5 (pairs that share a block of values).
+    """
+    sampler = PooledSampler(sizes)
+    gen = torch.Generator().manual_seed(seed)
+    keys = sampler.begin_draw(gen, seed, {torch.device("cpu")})
+    noise = [sampler.noise(key, (1, size), torch.device("cpu"), torch.float32) for key, size in zip(keys, sizes, strict=True)]
+    pairs = [(a, b) for a in range(len(sizes)) for b in range(a + 1, len(sizes))]
+    chosen = torch.randperm(len(pairs), generator=gen)[:max_pairs].tolist()
+    worst = [abs_corr_worst_shift(noise[pairs[i][0]], noise[pairs[i][1]]) for i in chosen]
+    # The same statistic for independent noise: the estimation floor (a maximum over many shifts).
+    floor = [abs_corr_worst_shift(torch.randn(sizes[pairs[i][0]], generator=gen),
+                                  torch.randn(sizes[pairs[i][1]], generator=gen)) for i in chosen]
+    return {"layers": len(sizes), "perturbed_weights": sum(sizes), "fresh_samples": sampler.fresh,
+            "pool_values": sampler.pool_size, "blocks": sampler.blocks, "reuse": sampler.reuse,
+            "pairs": len(worst), "abs_corr_worst_shift_mean": statistics.mean(worst),
+            "abs_corr_worst_shift_max": max(worst), "pairs_above_0.5": sum(w > 0.5 for w in worst) / len(worst),
+            "independent_floor_mean": statistics.mean(floor), "independent_floor_max": max(floor)}
 
 
 def trainer_benchmark(args: argparse.Namespace) -> dict:

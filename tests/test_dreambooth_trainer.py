@@ -246,6 +246,21 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tiny_sd_path, tmp_path, mon
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]  # limit 2
 
 
+@pytest.mark.parametrize(("interval", "resume_at"), [(1, 4), (3, 4), (3, 6)])
+def test_resume_inside_and_at_the_start_of_a_flat_interval_is_exact(tiny_sd_path, tmp_path, interval, resume_at):
+    """σ of a draw comes from the LoRA weights at its first step: checkpoint 4 falls inside the draw of
+    steps 3-5 with `--flat_interval 3`, checkpoint 6 starts one. Both resumes give the same adapter."""
+    extra = ("--flat_interval", str(interval), "--checkpointing_steps", "2", "--rho", "0.5", "--flat_schedule",
+             "constant", "--learning_rate", "1e-2")
+    main(argv(tiny_sd_path, tmp_path / "ref", *extra, steps=8))
+    out = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "ref" / f"checkpoint-{resume_at}", out / f"checkpoint-{resume_at}")
+    main(argv(tiny_sd_path, out, *extra, "--resume_from_checkpoint", "latest", steps=8))
+    ref, got = lora_tensors(tmp_path / "ref"), lora_tensors(out)
+    assert ref.keys() == got.keys()
+    assert max((ref[k] - got[k]).abs().max().item() for k in ref) == 0
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_sd_path, tmp_path, monkeypatch):
     real_loss = DreamBoothTrainer._loss
 
