@@ -250,11 +250,12 @@ def target_sizes(arch: str) -> list[int]:
             if isinstance(m, torch.nn.Linear) and name.endswith(tuple(TARGETS))]
 
 
-def abs_corr_worst_shift(a: torch.Tensor, b: torch.Tensor, min_overlap: int = 1024) -> float:
+def abs_corr_worst_shift(a: torch.Tensor, b: torch.Tensor) -> float:
     """max over shifts δ of corr(|a_k|, |b_(k+δ)|) over the overlapping k (FFT cross-correlation, float64).
 
-    Two windows of one pool that share values line up at one shift: there the correlation is the
-    shared fraction of the overlap (1 for a copy); independent noise gives about 0.
+    Shifts whose overlap is under a quarter of the shorter vector (or 1024) are left out, so that
+    estimation noise stays small. Two windows of one pool that share values line up at one shift:
+    there the correlation is the shared fraction of the overlap (1 for a copy).
     """
     a, b = a.abs().double().flatten(), b.abs().double().flatten()
     la, lb = a.numel(), b.numel()
@@ -274,10 +275,10 @@ def abs_corr_worst_shift(a: torch.Tensor, b: torch.Tensor, min_overlap: int = 10
     cov = cross - sa * sb / count
     var = (saa - sa.square() / count) * (sbb - sb.square() / count)
     corr = cov / var.clamp_min(1e-300).sqrt()
-    return corr[count >= min_overlap].max().item()
+    return corr[count >= max(1024, min(la, lb) // 4)].max().item()
 
 
-def sampler_dependence(sizes: list[int], max_pairs: int = 40, seed: int = 0) -> dict:
+def sampler_dependence(sizes: list[int], max_pairs: int = 100, seed: int = 0) -> dict:
     """How much the pooled sampler's layers of one draw depend on each other, for layers of ``sizes``.
 
     ``reuse``: perturbed weights per pool value. ``abs_corr_worst_shift``: over ``max_pairs``
