@@ -305,6 +305,32 @@ def test_composes_with_lora_variants(variant):
     assert_same(before, base_state(model))
 
 
+def test_dora_noise_perturbs_the_direction_with_and_without_dropout():
+    """DoRA computes m ⊙ (W + ε + sBA)/‖W + sBA‖: the noise reaches the output scaled by m/‖W + sBA‖,
+    whether peft reuses the base output (no dropout) or recomputes it from the clean weight (dropout)."""
+    x = torch.randn(8, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    effects = {}
+    for dropout in (0.0, 0.5):
+        model = lora_model(torch.float64, use_dora=True, lora_dropout=dropout)
+        layer = lora_layers(model)["first"]
+        with torch.no_grad():  # a trained magnitude: no longer the row norm it was initialised to
+            magnitude = layer.lora_magnitude_vector["default"].weight
+            magnitude.mul_(torch.linspace(0.5, 2.0, magnitude.numel(), dtype=magnitude.dtype))
+        perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.3, schedule="constant"))
+        perturber.set_step(1)
+        torch.manual_seed(0)  # the same dropout mask in both passes
+        noisy = layer(x)
+        eps = probe_noise(layer) if dropout == 0 else None
+        perturber.remove()
+        torch.manual_seed(0)
+        effects[dropout] = (noisy - layer(x)).detach()
+        if eps is not None:
+            merged = layer.get_base_layer().weight + layer.get_delta_weight("default")
+            scale = magnitude / merged.norm(dim=1)
+            torch.testing.assert_close(effects[dropout], (x @ eps.T) * scale)
+    torch.testing.assert_close(effects[0.5], effects[0.0])
+
+
 def test_composes_with_loraplus_param_groups():
     from peft.optimizers import create_loraplus_optimizer
 
@@ -383,4 +409,12 @@ def test_second_perturber_on_same_model_is_rejected():
     model = lora_model()
     FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, schedule="constant"))
     with pytest.raises(ValueError, match="already has a Flat-LoRA perturber"):
+        FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, schedule="constant"))
+
+
+def test_several_active_adapters_with_dora_are_rejected():
+    model = lora_model(use_dora=True)
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["first", "second"]))
+    model.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match="several active adapters, one of them DoRA"):
         FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, schedule="constant"))
