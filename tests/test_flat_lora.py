@@ -14,6 +14,8 @@ from flatlora_diffusion.flat_lora import (
     SCHEDULES,
     FlatLoraConfig,
     FlatLoraPerturber,
+    mixing_matrices,
+    resolve_sampler,
 )
 
 SAMPLERS = ["pooled", "gaussian"]
@@ -145,6 +147,37 @@ def test_noise_is_independent_across_layers_and_steps(sampler):
     assert abs(corr(first, first_next)) < bound
     # Rows within a layer are independent too.
     assert abs(corr(first[:-1], first[1:])) < bound
+
+
+def test_pooled_layers_are_no_shifted_copies_of_each_other():
+    """At the shift where two layers' windows line up, |ε| of one is not a copy of the other's."""
+    from flatlora_diffusion.bench import abs_corr_worst_shift
+
+    model = lora_model(torch.float64)
+    layers = lora_layers(model)
+    perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.2, schedule="constant", sampler="pooled"))
+    perturber.set_step(1)
+    first, second = (probe_noise(layers[k]) / expected_sigma(layers[k], 0.2)[:, None] for k in ("first", "second"))
+    assert perturber.sampler.reuse <= 1
+    assert abs_corr_worst_shift(first, second) < 0.1  # a shared window gives its overlap fraction, up to 1
+
+
+def test_mixing_matrices_are_orthogonal_and_mutually_spread():
+    mats = mixing_matrices().double()
+    for a in range(len(mats)):
+        torch.testing.assert_close(mats[a].T @ mats[a], torch.eye(16, dtype=torch.double))
+        for b in range(a + 1, len(mats)):  # same group, two blocks: every correlation is ±1/4
+            torch.testing.assert_close((mats[a].T @ mats[b]).abs(), torch.full((16, 16), 0.25, dtype=torch.double))
+
+
+def test_auto_sampler_is_exact_gaussian_on_cuda_and_pooled_on_cpu():
+    assert FlatLoraConfig().sampler == "auto"
+    assert resolve_sampler("auto", {torch.device("cuda", 0)}) == "gaussian"
+    assert resolve_sampler("auto", {torch.device("cpu")}) == "pooled"
+    assert resolve_sampler("auto", {torch.device("cpu"), torch.device("cuda", 0)}) == "pooled"
+    assert resolve_sampler("gaussian", {torch.device("cpu")}) == "gaussian"
+    perturber = FlatLoraPerturber(lora_model(), FlatLoraConfig(rho=0.1, schedule="constant"))
+    assert perturber.sampler_name == "pooled"
 
 
 def test_schedules_at_start_middle_and_end():
@@ -381,6 +414,11 @@ def test_state_is_o_of_rows():
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FlatLoraConfig(**kwargs)
+
+
+def test_pool_smaller_than_a_layer_is_rejected():
+    with pytest.raises(ValueError, match="`pool_size`=1000 is too small"):
+        FlatLoraPerturber(lora_model(), FlatLoraConfig(rho=0.1, schedule="constant", sampler="pooled", pool_size=1000))
 
 
 def test_config_errors_are_reported_together():
