@@ -180,13 +180,19 @@ class _Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._views: dict[tuple[torch.device, torch.dtype, torch.Size], torch.Tensor] = {}
 
     def get(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        view = self._views.get((device, dtype, shape))
+        if view is not None:
+            return view
         numel = shape[0] * shape[1]
         buffer = self._buffers.get((device, dtype))
         if buffer is None or buffer.numel() < numel:
             buffer = self._buffers[(device, dtype)] = torch.empty(numel, device=device, dtype=dtype)
-        return buffer[:numel].view(shape)
+            self._views = {k: v for k, v in self._views.items() if k[:2] != (device, dtype)}  # views of the old one
+        view = self._views[(device, dtype, shape)] = buffer[:numel].view(shape)
+        return view
 
 
 # The pooled sampler's mixing matrices (16×16, orthogonal): the identity and D_k·H/4, H the Sylvester
@@ -235,12 +241,16 @@ class PooledSampler:
 
     def begin_draw(self, gen: torch.Generator, seed: int, devices: set[torch.device]) -> list[int]:
         """Fill the pool on each device; returns each layer's window offset (layers packed end to end)."""
-        self._pools.clear()
-        for device in devices:
-            fresh = torch.randn(self.fresh, generator=_generator(seed, device), device=device)
-            groups = fresh.view(1, -1, _GROUP)
-            mixed = torch.matmul(groups, self._mix.to(device)).view(-1)  # (blocks-1)·fresh, one batched matmul
-            self._pools[(device, torch.float32)] = torch.cat([fresh, mixed])
+        pools = {device: self._pools.get((device, torch.float32)) for device in devices}
+        self._pools.clear()  # casts to other dtypes are redone from the new values
+        for device, pool in pools.items():
+            if pool is None:
+                pool = torch.empty(self.pool_size, device=device)
+            fresh = torch.randn(self.fresh, generator=_generator(seed, device), device=device, out=pool[: self.fresh])
+            if self.blocks > 1:  # block k = P mixed by M_k, group by group: one batched matmul into the pool
+                groups = fresh.view(1, -1, _GROUP).expand(self.blocks - 1, -1, -1)
+                torch.bmm(groups, self._mix.to(device), out=pool[self.fresh :].view(self.blocks - 1, -1, _GROUP))
+            self._pools[(device, torch.float32)] = pool
         offsets = [0] * len(self.sizes)
         cursor = 0
         for index in torch.randperm(len(self.sizes), generator=gen).tolist():
@@ -257,10 +267,13 @@ class PooledSampler:
             pool = self._pools[(device, dtype)] = self._pools[(device, torch.float32)].to(dtype)
         return pool[key : key + shape[0] * shape[1]].view(shape)
 
-    def perturbed_weight(self, weight: torch.Tensor, sigma: torch.Tensor, key: int, dtype: torch.dtype) -> torch.Tensor:
-        """``W + σ ⊙ Z`` in ``dtype`` (``sigma`` (m, 1) in ``dtype``), in one pass into the shared workspace."""
+    def perturbed_weight(self, weight: torch.Tensor, noise: _LayerNoise, dtype: torch.dtype) -> torch.Tensor:
+        """``W + σ ⊙ Z`` in ``dtype``, in one pass into the shared workspace; ``W`` is only read."""
+        z = noise.cache.get(("z", dtype))  # the layer's window, a view made once per draw
+        if z is None:
+            z = noise.cache[("z", dtype)] = self.noise(noise.key, weight.shape, weight.device, dtype)
         out = self._workspace.get(weight.shape, weight.device, dtype)
-        return torch.addcmul(weight.to(dtype), sigma, self.noise(key, weight.shape, weight.device, dtype), out=out)
+        return torch.addcmul(weight if weight.dtype == dtype else weight.to(dtype), noise.sigma_as(dtype), z, out=out)
 
 
 class GaussianSampler:
@@ -280,11 +293,11 @@ class GaussianSampler:
         """The layer's N(0, 1) noise ``Z``, regenerated from ``key``."""
         return torch.randn(shape, generator=self._generator(key, device), device=device, dtype=dtype)
 
-    def perturbed_weight(self, weight: torch.Tensor, sigma: torch.Tensor, key: int, dtype: torch.dtype) -> torch.Tensor:
-        """``W + σ ⊙ Z`` in ``dtype``, in the shared workspace; ``Z`` is regenerated from ``key``."""
+    def perturbed_weight(self, weight: torch.Tensor, noise: _LayerNoise, dtype: torch.dtype) -> torch.Tensor:
+        """``W + σ ⊙ Z`` in ``dtype``, in the shared workspace; ``Z`` is regenerated from the layer's key."""
         out = self._workspace.get(weight.shape, weight.device, dtype)
-        torch.randn(weight.shape, generator=self._generator(key, weight.device), out=out)
-        return out.mul_(sigma).add_(weight)
+        torch.randn(weight.shape, generator=self._generator(noise.key, weight.device), out=out)
+        return out.mul_(noise.sigma_as(dtype)).add_(weight)
 
     def _generator(self, key: int, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
@@ -313,16 +326,17 @@ class _LayerNoise:
     """
 
     key: int
-    row_scale: torch.Tensor  # (m,) ±f(t)·ρ/√n, fp32: a random sign per row times the draw's factor
-    sigma: torch.Tensor | None = None  # (m,) fp32, the signed σ_i (DoRA: times `dora_scale`)
-    merged_row_sq: torch.Tensor | None = None  # (m,) fp32, ‖W'_i‖²
-    dora_scale: torch.Tensor | None = None  # (m,) fp32, see `_dora_noise_scale`
-    cast: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)  # σ as (m, 1) per compute dtype
+    row_scale: torch.Tensor  # (m, 1) ±f(t)·ρ/√n, fp32: a random sign per row times the draw's factor
+    sigma: torch.Tensor | None = None  # (m, 1) fp32, the signed σ_i (DoRA: times `dora_scale`)
+    merged_row_sq: torch.Tensor | None = None  # (m, 1) fp32, ‖W'_i‖²
+    dora_scale: torch.Tensor | None = None  # (m, 1) fp32, see `_dora_noise_scale`
+    cache: dict = field(default_factory=dict)  # per compute dtype: σ cast, the sampler's noise view
 
     def sigma_as(self, dtype: torch.dtype) -> torch.Tensor:
-        col = self.cast.get(dtype)
+        """σ as an (m, 1) column in ``dtype`` (cast once per draw)."""
+        col = self.cache.get(dtype)
         if col is None:
-            col = self.cast[dtype] = self.sigma.to(dtype).unsqueeze(1)
+            col = self.cache[dtype] = self.sigma if self.sigma.dtype == dtype else self.sigma.to(dtype)
         return col
 
 
@@ -333,11 +347,13 @@ class _NoisyLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, sampler, noise: _LayerNoise):
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        perturbed = sampler.perturbed_weight(weight, noise.sigma_as(dtype), noise.key, dtype)
+        perturbed = sampler.perturbed_weight(weight, noise, dtype)
         ctx.save_for_backward(weight)
         ctx.sampler, ctx.noise, ctx.compute_dtype, ctx.x_dtype = sampler, noise, dtype, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return F.linear(x.to(dtype), perturbed, None if bias is None else bias.to(dtype))
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        return F.linear(x if x.dtype == dtype else x.to(dtype), perturbed, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -345,8 +361,10 @@ class _NoisyLinear(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             dtype = ctx.compute_dtype
-            perturbed = ctx.sampler.perturbed_weight(weight, ctx.noise.sigma_as(dtype), ctx.noise.key, dtype)
-            grad_x = (grad_out.to(dtype) @ perturbed).to(ctx.x_dtype)  # (..., m) @ (m, n)
+            perturbed = ctx.sampler.perturbed_weight(weight, ctx.noise, dtype)
+            grad_x = (grad_out if grad_out.dtype == dtype else grad_out.to(dtype)) @ perturbed  # (..., m) @ (m, n)
+            if grad_x.dtype != ctx.x_dtype:
+                grad_x = grad_x.to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_bias, None, None
@@ -363,7 +381,7 @@ def _dora_noise_scale(lora: LoraLayer, merged_row_sq: torch.Tensor) -> torch.Ten
     dora = [a for a in lora.active_adapters if a in lora.lora_A and lora.use_dora.get(a, False)]
     if not dora or isinstance(lora.lora_dropout[dora[0]], nn.Identity):
         return None
-    magnitude = lora.lora_magnitude_vector[dora[0]].weight.float()
+    magnitude = lora.lora_magnitude_vector[dora[0]].weight.float().unsqueeze(1)  # (m, 1)
     return magnitude / merged_row_sq.sqrt().clamp_min(1e-30)
 
 
@@ -410,7 +428,6 @@ class FlatLoraPerturber:
         self.rank = rank
         self.step: int | None = None
         self.factor = 0.0  # f(t)·ρ of the current draw
-        self._relative_perturbation: float | None = None  # cached ‖ε‖/‖W'‖ of the current draw
         self._draw: int | None = None
         self._noise: list[_LayerNoise | None] = []
         self.layers: list[tuple[str, LoraLayer, nn.Linear]] = []
@@ -429,10 +446,10 @@ class FlatLoraPerturber:
         self.sampler = SAMPLERS[self.sampler_name]([base.weight.numel() for base in bases], config.pool_size)
         self._rows = [base.out_features for base in bases]
         # 1/√n for every row of every layer, concatenated: the draw's row scales are one vector op.
-        self._inv_sqrt_n = torch.cat([torch.full((base.out_features,), 1 / math.sqrt(base.in_features))
+        self._inv_sqrt_n = torch.cat([torch.full((base.out_features, 1), 1 / math.sqrt(base.in_features))
                                       for base in bases])
-        with torch.no_grad():  # ‖W_i‖² once: W is frozen.
-            self._weight_sq = [base.weight.float().square().sum(1) for base in bases]
+        with torch.no_grad():  # ‖W_i‖² once, (m, 1): W is frozen.
+            self._weight_sq = [base.weight.float().square().sum(1, keepdim=True) for base in bases]
         self._noise = [None] * len(self.layers)
         for index, base in enumerate(bases):
             base.forward = self._make_forward(base, index)
@@ -459,15 +476,14 @@ class FlatLoraPerturber:
         cfg = self.config
         self._draw = draw
         self.factor = cfg.rho * SCHEDULES[cfg.schedule](draw * cfg.interval, cfg.total_steps or 1)
-        self._relative_perturbation = None
         if self.factor == 0:
             self._noise = [None] * len(self.layers)
             return
         rank = self.rank if cfg.noise_per_rank else 0
         gen = _generator(mix_seed(cfg.seed, draw, rank), torch.device("cpu"))
         keys = self.sampler.begin_draw(gen, mix_seed(cfg.seed, draw, rank, -1), self._devices)
-        signs = torch.randint(0, 2, (len(self._inv_sqrt_n),), generator=gen).float().mul_(2).sub_(1)
-        row_scale = signs.mul_(self._inv_sqrt_n).mul_(self.factor)  # (Σm,) ±f(t)·ρ/√n
+        signs = torch.randint(0, 2, self._inv_sqrt_n.shape, generator=gen).float().mul_(2).sub_(1)
+        row_scale = signs.mul_(self._inv_sqrt_n).mul_(self.factor)  # (Σm, 1) ±f(t)·ρ/√n
         if len(self._devices) == 1:
             scales = row_scale.to(next(iter(self._devices))).split(self._rows)
         else:
@@ -487,7 +503,7 @@ class FlatLoraPerturber:
         noise.merged_row_sq, noise.dora_scale = row_sq, dora_scale
         sigma = row_sq.sqrt().mul_(noise.row_scale)
         noise.sigma = sigma if dora_scale is None else sigma.mul_(dora_scale)
-        noise.cast.clear()
+        noise.cache.clear()
 
     @staticmethod
     def _merged_row_norm_sq(lora: LoraLayer, weight: torch.Tensor, weight_sq: torch.Tensor) -> torch.Tensor:
@@ -495,40 +511,25 @@ class FlatLoraPerturber:
         active = [a for a in lora.active_adapters if a in lora.lora_A]
         if not active:
             return weight_sq
-        if len(active) == 1:
-            a_cat = lora.lora_A[active[0]].weight.float()  # (R, n)
-            b_cat = lora.lora_B[active[0]].weight.float() * lora.scaling[active[0]]  # (m, R)
+        if len(active) == 1:  # the common case: no concatenation, the scaling folded into addmm/add
+            scale = lora.scaling[active[0]]
+            a_cat, b_cat = lora.lora_A[active[0]].weight.float(), lora.lora_B[active[0]].weight.float()
         else:
-            a_cat = torch.cat([lora.lora_A[a].weight for a in active]).float()
-            b_cat = torch.cat([lora.lora_B[a].weight * lora.scaling[a] for a in active], dim=1).float()
+            scale = 1.0
+            a_cat = torch.cat([lora.lora_A[a].weight for a in active]).float()  # (R, n)
+            b_cat = torch.cat([lora.lora_B[a].weight * lora.scaling[a] for a in active], dim=1).float()  # (m, R)
         wa = (weight @ a_cat.to(weight.dtype).T).float()  # (m, R): one read of W
-        # ‖W_i‖² + 2·(WAᵀ)_i·B_i + B_i(AAᵀ)B_iᵀ = ‖W_i‖² + ((2·WAᵀ + B·AAᵀ) ⊙ B)_i summed
-        both = torch.addmm(wa, b_cat, a_cat @ a_cat.T, beta=2)
-        return torch.linalg.vecdot(both, b_cat).add_(weight_sq).clamp_min_(0)
-
-    @property
-    def relative_perturbation(self) -> float:
-        """Mean over layers of the expected ‖ε‖/‖W'‖ of the current draw (0 when no noise is active).
-
-        From σ and the merged row norms (E‖Z_i‖² = n): no pass over the noise. It equals f(t)·ρ up
-        to rounding, a check that σ follows the merged row norms. Computed on first access per draw.
-        """
-        if self._relative_perturbation is None:
-            ratios = []
-            with torch.no_grad():
-                for index, ((_, _, base), noise) in enumerate(zip(self.layers, self._noise, strict=True)):
-                    if noise is None:
-                        continue
-                    if noise.sigma is None:  # a layer the forward has not reached yet
-                        self._resolve_sigma(index)
-                    noise_sq = (noise.merged_row_sq * noise.row_scale.square()).sum() * base.in_features
-                    ratios.append(noise_sq / noise.merged_row_sq.sum().clamp_min(1e-30))
-            self._relative_perturbation = torch.stack(ratios).sqrt().mean().item() if ratios else 0.0
-        return self._relative_perturbation
+        # ‖W_i + sB_iA‖² = ‖W_i‖² + s·((2·WAᵀ + s·B·AAᵀ) ⊙ B)_i summed over R
+        both = torch.addmm(wa, b_cat, a_cat @ a_cat.T, beta=2, alpha=scale)
+        return weight_sq.add((both * b_cat).sum(1, keepdim=True), alpha=scale).clamp_min_(0)  # (m, 1)
 
     def stats(self) -> dict[str, float]:
-        """Values to log: the current f(t)·ρ and the mean relative perturbation ‖ε‖/‖W'‖."""
-        return {"flat_lora/rho_t": self.factor, "flat_lora/rel_perturbation": self.relative_perturbation}
+        """Values to log: the current f(t)·ρ, which is also the expected ‖ε‖/‖W'‖ of every layer.
+
+        (E‖ε_i‖² = σ_i²·n = (f(t)·ρ)²·‖W'_i‖² by the choice of σ; measuring the realized ratio
+        would cost a pass over every layer's noise, which this logger does not pay each step.)
+        """
+        return {"flat_lora/rho_t": self.factor}
 
     def state_dict(self) -> dict:
         """The current draw and, per layer, the O(m) inputs of its σ (the LoRA weights of the draw's start).

@@ -88,7 +88,6 @@ def test_flat_lora_run(flat_run, tiny_sd_path):
     trainer, out = flat_run
     assert trainer.losses == pytest.approx(PINNED["sd_flat"], rel=1e-4)
     assert [log["flat_lora/rho_t"] for log in trainer.logs] == [0.1] * 3  # logged every step
-    assert all(log["flat_lora/rel_perturbation"] > 0 for log in trainer.logs)
     # The frozen UNet weights are untouched by the noise (bit for bit).
     from diffusers import UNet2DConditionModel
 
