@@ -340,20 +340,27 @@ class _LayerNoise:
         return col
 
 
+def _noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sampler,
+                  noise: _LayerNoise) -> tuple[torch.Tensor, torch.dtype]:
+    """``x (W + ε)ᵀ + b`` in the compute dtype (autocast's, else x's), and that dtype."""
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    perturbed = sampler.perturbed_weight(weight, noise, dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    return F.linear(x if x.dtype == dtype else x.to(dtype), perturbed, bias), dtype
+
+
 class _NoisyLinear(torch.autograd.Function):
     """``y = x (W + ε)ᵀ + b`` without storing ``W + ε``: it is rebuilt in backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, sampler, noise: _LayerNoise):
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        perturbed = sampler.perturbed_weight(weight, noise, dtype)
+        out, dtype = _noisy_linear(x, weight, bias, sampler, noise)
         ctx.save_for_backward(weight)
         ctx.sampler, ctx.noise, ctx.compute_dtype, ctx.x_dtype = sampler, noise, dtype, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        if bias is not None and bias.dtype != dtype:
-            bias = bias.to(dtype)
-        return F.linear(x if x.dtype == dtype else x.to(dtype), perturbed, bias)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -461,7 +468,10 @@ class FlatLoraPerturber:
                 return F.linear(x, base.weight, base.bias)
             if noise.sigma is None:
                 self._resolve_sigma(index)
-            return _NoisyLinear.apply(x, base.weight, base.bias, self.sampler, noise)
+            bias = base.bias
+            if not torch.is_grad_enabled() or not (x.requires_grad or (bias is not None and bias.requires_grad)):
+                return _noisy_linear(x, base.weight, bias, self.sampler, noise)[0]  # no graph to build
+            return _NoisyLinear.apply(x, base.weight, bias, self.sampler, noise)
 
         return forward
 
