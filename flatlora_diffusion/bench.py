@@ -166,12 +166,31 @@ class StepRunner:
         A Flat-LoRA perturber is installed before the clock starts and removed after it stops:
         a real run installs it once, so only ``set_step`` (the per-step noise draw) is timed.
         """
-        perturber = None
-        if variant in ("flat", "flat_gaussian"):
-            sampler = "auto" if variant == "flat" else "gaussian"  # the default: `pooled` on CPU
-            perturber = FlatLoraPerturber(self.unet, FlatLoraConfig(rho=self.rho, schedule="constant", sampler=sampler))
+        perturber = self._install(variant)
         self._sync()
         start = time.perf_counter()
+        self._step(variant, perturber)
+        self._sync()
+        elapsed = time.perf_counter() - start
+        if perturber is not None:
+            perturber.remove()
+        return elapsed
+
+    def count(self, variant: str) -> dict[str, int]:
+        """:func:`ops_per_step` of the part of one step of ``variant`` that :meth:`run` times."""
+        perturber = self._install(variant)
+        counted = ops_per_step(functools.partial(self._step, variant, perturber))
+        if perturber is not None:
+            perturber.remove()
+        return counted
+
+    def _install(self, variant: str) -> FlatLoraPerturber | None:
+        if variant not in ("flat", "flat_gaussian"):
+            return None
+        sampler = "auto" if variant == "flat" else "gaussian"  # the default: `pooled` on CPU
+        return FlatLoraPerturber(self.unet, FlatLoraConfig(rho=self.rho, schedule="constant", sampler=sampler))
+
+    def _step(self, variant: str, perturber: FlatLoraPerturber | None) -> None:
         if perturber is not None:
             perturber.set_step(self.step)
         if variant == "reference":
@@ -179,12 +198,7 @@ class StepRunner:
         self._train_step()
         if variant == "reference":
             self.reference.remove(self.step)
-        self._sync()
-        elapsed = time.perf_counter() - start
-        if perturber is not None:
-            perturber.remove()
         self.step += 1
-        return elapsed
 
     def _sync(self) -> None:
         if self.device == "cuda":
@@ -474,7 +488,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_layers = len(runner.reference.layers)
     n_weights = sum(m.get_base_layer().weight.numel() for m in runner.reference.layers)
     times, ratios = time_variants(runner, args.steps, variants)
-    ops = {v: ops_per_step(functools.partial(runner.run, v)) for v in variants if v != "reference"}
+    ops = {v: runner.count(v) for v in variants if v != "reference"}
     del runner
     ratio = statistics.median(ratios["flat"]) if "flat" in ratios else None
     result: dict = {

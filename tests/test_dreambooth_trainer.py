@@ -396,7 +396,10 @@ def test_trainer_benchmark_mode(tiny_sd_path, tmp_path):
     result = bench.main(["--mode", "trainer", "--model", str(tiny_sd_path), "--resolution", "32", "--steps", "1",
                          "--rho", "0.1", "--json", str(tmp_path / "bench.json")])
     assert result["lora_step_s"] > 0 and result["flat_step_s"] > 0 and result["lora_layers"] == 32
-    assert json.loads((tmp_path / "bench.json").read_text())["ratio"] == result["ratio"]
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["ratio"] == result["ratio"] and saved["target_ratio"] == 1.10
+    assert saved["within_target"] == (result["ratio"] <= 1.10) and saved["flat_sampler"] == "pooled"
+    assert saved["ops_per_step"]["flat"]["torch_ops"] > saved["ops_per_step"]["lora"]["torch_ops"]
 
 
 # Seeded losses (torch 2.13 CPU); a change here means the training numerics changed (the Flat-LoRA

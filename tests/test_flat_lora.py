@@ -216,6 +216,25 @@ def test_one_noise_per_step_shared_by_micro_batches_and_interval():
     assert not torch.equal(a, probe_noise(layer))
 
 
+def test_state_dict_restores_the_sigma_of_the_draw_in_progress():
+    """Inside an interval σ is that of the draw's first forward, also after the LoRA weights moved."""
+    config = FlatLoraConfig(rho=0.3, schedule="constant", interval=3)
+    model = lora_model(torch.float64)
+    perturber = FlatLoraPerturber(model, config)
+    train_steps(model, perturber, steps=2)  # steps 0, 1 of the draw of steps 0-2
+    state = perturber.state_dict()
+    expected = probe_noise(lora_layers(model)["first"])
+    perturber.remove()
+    for restore in (True, False):
+        resumed = FlatLoraPerturber(model, config)
+        if restore:
+            resumed.load_state_dict(state)
+        resumed.set_step(2)
+        noise = probe_noise(lora_layers(model)["first"])
+        assert torch.equal(noise, expected) == restore  # without the state σ comes from the newer weights
+        resumed.remove()
+
+
 def test_no_noise_in_eval_mode():
     model = lora_model()
     perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.5, schedule="constant"))
