@@ -17,21 +17,30 @@ How this implementation differs from the paper's reference code:
   (seed, draw, layer index, rank); the global RNG is never touched.
 * **Follows optimiser steps.** The caller says which optimiser step is running
   (:meth:`FlatLoraPerturber.set_step`); every micro-batch of that step shares one noise sample.
-* **Cheap.** Only O(out_features) state per layer (the cached ``‖W_i‖²`` and ``σ_i``). Merged row
+  σ of a draw comes from the LoRA weights at its first forward; :meth:`FlatLoraPerturber.state_dict`
+  carries it (O(m) per layer) into checkpoints, so a resume inside an interval is exact.
+* **DoRA.** The noise perturbs the direction that DoRA's magnitude scales, with and without
+  ``lora_dropout`` (see :func:`_dora_noise_scale`).
+* **Cheap.** Only O(out_features) state per layer (the cached ``‖W_i‖²`` and ``σ_i``); per draw, the
+  keys and row signs of all layers come from one generator in one call each. Merged row
   norms are computed without materialising ``B·A``:
   ``‖W_i + sB_iA‖² = ‖W_i‖² + 2s·(W Aᵀ)_i·B_i + s²·B_i (A Aᵀ) B_iᵀ``, on the layer's first
   forward of a draw, right before ``W`` is read anyway.
 
 Noise samplers (``FlatLoraConfig.sampler``):
 
-* ``"pooled"`` (default): each draw fills one pool of fresh N(0, 1) samples, twice the size of the
-  largest perturbed layer. A layer takes a contiguous window of the pool at a random offset
-  (rows are disjoint slices, hence independent N(0, 1)), and every row gets a random sign. The
-  per-element marginal is exactly Gaussian; a new pool per draw makes steps independent; layers
-  within a draw read differently shifted windows with independent row signs, so their noise is
-  uncorrelated element-wise. Building ``W + σ⊙Z`` is one fused ``addcmul`` pass.
-* ``"gaussian"``: the paper's sampling: fresh i.i.d. N(0, 1) per layer and draw, regenerated from
-  its seed in backward. Exact but slower on CPU (Gaussian sampling costs more than the matmul).
+* ``"gaussian"``: fresh i.i.d. N(0, 1) per layer and draw, regenerated from its seed in backward:
+  exact and independent across layers, as in the paper. Cheap on CUDA; on CPU Gaussian sampling
+  costs more than the layer's matmul.
+* ``"pooled"``: fast on CPU, at the price of weak dependence across layers. Each draw samples
+  ``pool_size`` fresh N(0, 1) values ``P`` (twice the largest layer) and mixes them, in groups of
+  16, by up to 8 orthogonal matrices into a pool of up to 9 blocks (each block is jointly i.i.d.
+  N(0, 1); the same group in two blocks is correlated by at most 1/4). Layers take contiguous
+  windows of the pool, laid end to end in a random order, with a random sign per row: within a
+  layer the noise is exactly i.i.d. N(0, 1); a pool value is shared by ``reuse`` layers only once
+  the pool is used up (SD1.5: 3.2 instead of the 28 of a plain pool). Building ``W + σ⊙Z`` is one
+  fused ``addcmul`` pass, with no Gaussian sampling in the hot path.
+* ``"auto"`` (default): ``gaussian`` where the perturbed layers are on CUDA, ``pooled`` elsewhere.
 
 Data-parallel ranks draw *different* noise by default (``noise_per_rank=True``): every rank then
 contributes an independent Monte-Carlo sample of the expected loss, for free. The LoRA weights are
@@ -83,7 +92,8 @@ class FlatLoraConfig:
     """Settings of the Flat-LoRA weight perturbation.
 
     The noise is a pure function of these settings, the optimiser step, the layer index, the rank
-    and the current weights: resuming a run only needs the step.
+    and the LoRA weights at the start of the draw: resuming a run needs the step and, with
+    ``interval`` > 1, the perturber's :meth:`FlatLoraPerturber.state_dict` (O(m) per layer).
     """
 
     rho: float = field(
@@ -105,8 +115,10 @@ class FlatLoraConfig:
         metadata={"help": "Draw new noise every `interval` optimiser steps; it is kept in between."},
     )
     sampler: str = field(
-        default="pooled",
-        metadata={"help": "`pooled` (fast, exact Gaussian marginals) or `gaussian` (paper's i.i.d. sampling)."},
+        default="auto",
+        metadata={"help": "`auto` (`gaussian` on CUDA, `pooled` elsewhere), `gaussian` (exact i.i.d. noise, "
+                          "independent across layers) or `pooled` (fast on CPU: exact i.i.d. within a layer, "
+                          "weakly dependent across layers)."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the noise generators (the global RNG is never used)."})
     noise_per_rank: bool = field(
@@ -115,7 +127,8 @@ class FlatLoraConfig:
     )
     pool_size: int | None = field(
         default=None,
-        metadata={"help": "`pooled` sampler: N(0,1) samples per draw; default twice the largest layer."},
+        metadata={"help": "`pooled` sampler: fresh N(0,1) samples per draw (mixed into up to 9 times as many "
+                          "pool values); default twice the largest layer."},
     )
 
     def __post_init__(self) -> None:
@@ -124,8 +137,8 @@ class FlatLoraConfig:
             errors.append(f"`rho` must be a number in [0, 1] (the paper uses 0.05-0.10), got {self.rho!r}.")
         if self.schedule not in SCHEDULES:
             errors.append(f"`schedule` must be one of {sorted(SCHEDULES)}, got {self.schedule!r}.")
-        if self.sampler not in SAMPLERS:
-            errors.append(f"`sampler` must be one of {sorted(SAMPLERS)}, got {self.sampler!r}.")
+        if self.sampler not in SAMPLER_CHOICES:
+            errors.append(f"`sampler` must be one of {list(SAMPLER_CHOICES)}, got {self.sampler!r}.")
         if not isinstance(self.interval, int) or self.interval < 1:
             errors.append(f"`interval` must be an integer >= 1, got {self.interval!r}.")
         if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 1):
@@ -167,93 +180,175 @@ class _Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._views: dict[tuple[torch.device, torch.dtype, torch.Size], torch.Tensor] = {}
 
     def get(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        view = self._views.get((device, dtype, shape))
+        if view is not None:
+            return view
         numel = shape[0] * shape[1]
         buffer = self._buffers.get((device, dtype))
         if buffer is None or buffer.numel() < numel:
             buffer = self._buffers[(device, dtype)] = torch.empty(numel, device=device, dtype=dtype)
-        return buffer[:numel].view(shape)
+            self._views = {k: v for k, v in self._views.items() if k[:2] != (device, dtype)}  # views of the old one
+        view = self._views[(device, dtype, shape)] = buffer[:numel].view(shape)
+        return view
+
+
+# The pooled sampler's mixing matrices (16×16, orthogonal): the identity and D_k·H/4, H the Sylvester
+# Hadamard matrix and D_k = diag(±1) from a Kerdock set (bit u of a mask flips sign u). Every product
+# M_aᵀ·M_b of two different ones has all entries ±1/4 (the masks' pairwise products are bent
+# functions), so an element of one block is correlated by at most 1/4 with any element of another.
+_GROUP = 16
+_KERDOCK_MASKS = (0, 854, 1379, 1594, 4472, 4637, 5198, 5924)
+
+
+def mixing_matrices() -> torch.Tensor:
+    """The pooled sampler's block transforms, shape (9, 16, 16): the identity, then the D_k·H/4."""
+    hadamard = torch.tensor([[(-1.0) ** bin(i & j).count("1") for j in range(_GROUP)] for i in range(_GROUP)])
+    signs = torch.tensor([[1.0 - 2.0 * ((mask >> u) & 1) for u in range(_GROUP)] for mask in _KERDOCK_MASKS])
+    return torch.cat([torch.eye(_GROUP)[None], signs[:, :, None] * hadamard[None] / 4])
 
 
 class PooledSampler:
-    """Noise as shifted windows of one fresh N(0, 1) pool per draw, with a random sign per row."""
+    """Noise as windows of a pool built per draw from fresh N(0, 1) samples (see the module docstring).
 
-    def __init__(self, pool_size: int) -> None:
-        self.pool_size = pool_size
+    The pool has ``blocks`` blocks of ``fresh`` values: block 0 is the fresh samples ``P``, block k
+    is ``P`` mixed in groups of 16 by the k-th orthogonal matrix of :func:`mixing_matrices`. Each
+    block is jointly i.i.d. N(0, 1); the same group of two blocks is correlated by at most 1/4.
+    Layers are laid end to end in a random order per draw, so a pool value is reused only once
+    the pool is used up (``reuse`` = perturbed weights per pool value, about 1/blocks of before).
+    A window spans at most ``fresh - 16`` values, so it never holds two mixes of the same group:
+    within a layer the noise is exactly i.i.d. N(0, 1).
+    """
+
+    def __init__(self, sizes: list[int], pool_size: int | None = None) -> None:
+        largest = max(sizes)
+        fresh = pool_size or 2 * largest
+        self.fresh = -(-fresh // _GROUP) * _GROUP
+        if self.fresh < largest + _GROUP:
+            raise ValueError(f"`pool_size`={pool_size} is too small: the pooled sampler needs at least the "
+                             f"largest perturbed layer plus {_GROUP} ({largest + _GROUP}).")
+        self.sizes = sizes
+        total = sum(sizes)
+        # Enough blocks to hold every layer once (a lap wastes less than one layer at its end), at most 9.
+        self.blocks = min(len(_KERDOCK_MASKS) + 1, -(-(total + largest) // self.fresh))
+        self.pool_size = self.fresh * self.blocks
+        self.reuse = total / self.pool_size
+        self._mix = mixing_matrices()[1 : self.blocks]
         self._pools: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._workspace = _Workspace()
 
-    def begin_draw(self, seed: int, devices: set[torch.device]) -> None:
-        """Fill a fresh pool on each device the perturbed layers live on."""
-        self._pools.clear()
-        for device in devices:
-            pool = torch.randn(self.pool_size, generator=_generator(seed, device), device=device)
+    def begin_draw(self, gen: torch.Generator, seed: int, devices: set[torch.device]) -> list[int]:
+        """Fill the pool on each device; returns each layer's window offset (layers packed end to end)."""
+        pools = {device: self._pools.get((device, torch.float32)) for device in devices}
+        self._pools.clear()  # casts to other dtypes are redone from the new values
+        for device, pool in pools.items():
+            if pool is None:
+                pool = torch.empty(self.pool_size, device=device)
+            fresh = torch.randn(self.fresh, generator=_generator(seed, device), device=device, out=pool[: self.fresh])
+            if self.blocks > 1:  # block k = P mixed by M_k, group by group: one batched matmul into the pool
+                groups = fresh.view(1, -1, _GROUP).expand(self.blocks - 1, -1, -1)
+                torch.bmm(groups, self._mix.to(device), out=pool[self.fresh :].view(self.blocks - 1, -1, _GROUP))
             self._pools[(device, torch.float32)] = pool
+        offsets = [0] * len(self.sizes)
+        cursor = 0
+        for index in torch.randperm(len(self.sizes), generator=gen).tolist():
+            if cursor + self.sizes[index] > self.pool_size:
+                cursor = 0  # the pool is used up: the next lap reuses it
+            offsets[index] = cursor
+            cursor += self.sizes[index]
+        return offsets
 
-    def layer_key(self, gen: torch.Generator, numel: int) -> int:
-        """The window offset of one layer, drawn from the layer's generator."""
-        return int(torch.randint(0, self.pool_size - numel + 1, (1,), generator=gen))
+    def noise(self, key: int, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The layer's N(0, 1) noise ``Z``: an (m, n) view of the pool, no copy."""
+        pool = self._pools.get((device, dtype))
+        if pool is None:
+            pool = self._pools[(device, dtype)] = self._pools[(device, torch.float32)].to(dtype)
+        return pool[key : key + shape[0] * shape[1]].view(shape)
 
-    def _pool(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (device, dtype)
-        if key not in self._pools:
-            self._pools[key] = self._pools[(device, torch.float32)].to(dtype)
-        return self._pools[key]
-
-    def perturbed_weight(self, weight: torch.Tensor, sigma: torch.Tensor, key: int, dtype: torch.dtype) -> torch.Tensor:
+    def perturbed_weight(self, weight: torch.Tensor, noise: _LayerNoise, dtype: torch.dtype) -> torch.Tensor:
         """``W + σ ⊙ Z`` in ``dtype``, in one pass into the shared workspace; ``W`` is only read."""
-        m, n = weight.shape
-        noise = self._pool(weight.device, dtype)[key : key + m * n].view(m, n)  # (m, n) view, no copy
+        z = noise.cache.get(("z", dtype))  # the layer's window, a view made once per draw
+        if z is None:
+            z = noise.cache[("z", dtype)] = self.noise(noise.key, weight.shape, weight.device, dtype)
         out = self._workspace.get(weight.shape, weight.device, dtype)
-        return torch.addcmul(weight.to(dtype), sigma.to(dtype).unsqueeze(1), noise, out=out)
-
-    def row_sq_norms(self, key: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        """``‖Z_i‖²`` of every row of a layer's noise, shape (m,): one pass over its window."""
-        m, n = shape
-        return self._pools[(device, torch.float32)][key : key + m * n].view(m, n).square().sum(1)
+        return torch.addcmul(weight if weight.dtype == dtype else weight.to(dtype), noise.sigma_as(dtype), z, out=out)
 
 
 class GaussianSampler:
-    """The paper's sampling: i.i.d. N(0, 1) per layer and draw, regenerated from its seed."""
+    """Exact, independent sampling: fresh i.i.d. N(0, 1) per layer and draw, regenerated from its seed."""
 
-    def __init__(self) -> None:
+    def __init__(self, sizes: list[int], pool_size: int | None = None) -> None:
+        self.sizes = sizes
+        self.reuse = 0.0
         self._workspace = _Workspace()
+        self._generators: dict[torch.device, torch.Generator] = {}
 
-    def begin_draw(self, seed: int, devices: set[torch.device]) -> None:
-        """Nothing to prepare: every layer draws from its own seed."""
+    def begin_draw(self, gen: torch.Generator, seed: int, devices: set[torch.device]) -> list[int]:
+        """Each layer's noise seed (nothing else to prepare)."""
+        return torch.randint(0, 2**62, (len(self.sizes),), generator=gen).tolist()
 
-    def layer_key(self, gen: torch.Generator, numel: int) -> int:
-        """The seed of the layer's noise, drawn from the layer's generator."""
-        return int(torch.randint(0, 2**62, (1,), generator=gen))
+    def noise(self, key: int, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The layer's N(0, 1) noise ``Z``, regenerated from ``key``."""
+        return torch.randn(shape, generator=self._generator(key, device), device=device, dtype=dtype)
 
-    def perturbed_weight(self, weight: torch.Tensor, sigma: torch.Tensor, key: int, dtype: torch.dtype) -> torch.Tensor:
-        """``W + σ ⊙ Z`` in ``dtype``, in the shared workspace; ``Z`` is regenerated from ``key``."""
+    def perturbed_weight(self, weight: torch.Tensor, noise: _LayerNoise, dtype: torch.dtype) -> torch.Tensor:
+        """``W + σ ⊙ Z`` in ``dtype``, in the shared workspace; ``Z`` is regenerated from the layer's key."""
         out = self._workspace.get(weight.shape, weight.device, dtype)
-        torch.randn(weight.shape, generator=_generator(key, weight.device), out=out)
-        return out.mul_(sigma.to(dtype).unsqueeze(1)).add_(weight)
+        torch.randn(weight.shape, generator=self._generator(noise.key, weight.device), out=out)
+        return out.mul_(noise.sigma_as(dtype)).add_(weight)
 
-    def row_sq_norms(self, key: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        """The *expected* ``‖Z_i‖²`` (= n): regenerating the noise to log it would cost a third draw."""
-        m, n = shape
-        return torch.full((m,), float(n), device=device)
+    def _generator(self, key: int, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+        return gen.manual_seed(key)
 
 
 SAMPLERS = {"pooled": PooledSampler, "gaussian": GaussianSampler}
+SAMPLER_CHOICES = ("auto", *SAMPLERS)
+
+
+def resolve_sampler(name: str, devices: set[torch.device]) -> str:
+    """``auto``: the exact ``gaussian`` sampler where it is cheap (CUDA, whose generator is fast), else ``pooled``."""
+    if name != "auto":
+        return name
+    return "gaussian" if devices and all(d.type == "cuda" for d in devices) else "pooled"
 
 
 @dataclass
 class _LayerNoise:
-    """The current draw of one layer: the sampler's key, a random sign per row, and the row scales.
+    """The current draw of one layer: the sampler's key, the per-row scale, and σ once resolved.
 
-    ``sigma`` (signs folded in) and ``merged_row_sq`` are filled on the layer's first forward of
-    the draw, when W is being read anyway, and then reused by backward and later micro-batches.
+    ``sigma`` (signs folded in) and ``merged_row_sq`` are filled on the layer's first forward of the
+    draw, when W is being read anyway, and then reused by backward and later micro-batches.
     """
 
     key: int
-    signs: torch.Tensor  # (m,) ±1, fp32
-    sigma: torch.Tensor | None = None  # (m,) fp32
-    merged_row_sq: torch.Tensor | None = None  # (m,) fp32, ‖W'_i‖², for logging ‖ε‖/‖W'‖
+    row_scale: torch.Tensor  # (m, 1) ±f(t)·ρ/√n, fp32: a random sign per row times the draw's factor
+    sigma: torch.Tensor | None = None  # (m, 1) fp32, the signed σ_i (DoRA: times `dora_scale`)
+    merged_row_sq: torch.Tensor | None = None  # (m, 1) fp32, ‖W'_i‖²
+    dora_scale: torch.Tensor | None = None  # (m, 1) fp32, see `_dora_noise_scale`
+    cache: dict = field(default_factory=dict)  # per compute dtype: σ cast, the sampler's noise view
+
+    def sigma_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """σ as an (m, 1) column in ``dtype`` (cast once per draw)."""
+        col = self.cache.get(dtype)
+        if col is None:
+            col = self.cache[dtype] = self.sigma if self.sigma.dtype == dtype else self.sigma.to(dtype)
+        return col
+
+
+def _noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sampler,
+                  noise: _LayerNoise) -> tuple[torch.Tensor, torch.dtype]:
+    """``x (W + ε)ᵀ + b`` in the compute dtype (autocast's, else x's), and that dtype."""
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    perturbed = sampler.perturbed_weight(weight, noise, dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    return F.linear(x if x.dtype == dtype else x.to(dtype), perturbed, bias), dtype
 
 
 class _NoisyLinear(torch.autograd.Function):
@@ -261,24 +356,40 @@ class _NoisyLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, sampler, noise: _LayerNoise):
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        perturbed = sampler.perturbed_weight(weight, noise.sigma, noise.key, dtype)
+        out, dtype = _noisy_linear(x, weight, bias, sampler, noise)
         ctx.save_for_backward(weight)
         ctx.sampler, ctx.noise, ctx.compute_dtype, ctx.x_dtype = sampler, noise, dtype, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return F.linear(x.to(dtype), perturbed, None if bias is None else bias.to(dtype))
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         (weight,) = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            perturbed = ctx.sampler.perturbed_weight(weight, ctx.noise.sigma, ctx.noise.key, ctx.compute_dtype)
-            grad_x = (grad_out.to(ctx.compute_dtype) @ perturbed).to(ctx.x_dtype)  # (..., m) @ (m, n)
+            dtype = ctx.compute_dtype
+            perturbed = ctx.sampler.perturbed_weight(weight, ctx.noise, dtype)
+            grad_x = (grad_out if grad_out.dtype == dtype else grad_out.to(dtype)) @ perturbed  # (..., m) @ (m, n)
+            if grad_x.dtype != ctx.x_dtype:
+                grad_x = grad_x.to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_bias, None, None
+
+
+def _dora_noise_scale(lora: LoraLayer, merged_row_sq: torch.Tensor) -> torch.Tensor | None:
+    """DoRA's ``magnitude / ‖W + sBA‖`` per row, where the noise must carry it itself; else None.
+
+    Flat-LoRA on DoRA perturbs the direction: the layer computes ``m ⊙ (W + ε + sBA) / ‖W + sBA‖``.
+    Without dropout peft rescales the base layer's (noisy) output by ``m / ‖W + sBA‖`` itself;
+    with ``lora_dropout`` > 0 it recomputes the base term from the clean weight and keeps the base
+    output unscaled, so the noise gets the factor here. Same semantics with and without dropout.
+    """
+    dora = [a for a in lora.active_adapters if a in lora.lora_A and lora.use_dora.get(a, False)]
+    if not dora or isinstance(lora.lora_dropout[dora[0]], nn.Identity):
+        return None
+    magnitude = lora.lora_magnitude_vector[dora[0]].weight.float().unsqueeze(1)  # (m, 1)
+    return magnitude / merged_row_sq.sqrt().clamp_min(1e-30)
 
 
 def _check_perturbable(name: str, layer: LoraLayer) -> nn.Linear:
@@ -300,6 +411,10 @@ def _check_perturbable(name: str, layer: LoraLayer) -> nn.Linear:
     if "forward" in base.__dict__:
         raise ValueError(f"`{name}` already has a Flat-LoRA perturber (or another forward override); "
                          "call `remove()` on the old perturber first.")
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) > 1 and any(layer.use_dora.get(a, False) for a in active):
+        raise ValueError(f"`{name}` has several active adapters, one of them DoRA: Flat-LoRA defines DoRA's noise "
+                         "for a single active adapter. Activate one adapter while training.")
     if layer.merged:
         raise ValueError(f"`{name}` has its adapter merged into the base weight; unmerge it before training.")
     return base
@@ -311,6 +426,8 @@ class FlatLoraPerturber:
     Call :meth:`set_step` with the optimiser step before the forward of each micro-batch (it is
     idempotent within a step); the noise applies while the layers are in training mode.
     ``rho = 0`` installs nothing. Use :meth:`remove` (or a ``with`` block) to uninstall.
+    Save :meth:`state_dict` with a checkpoint and :meth:`load_state_dict` it on resume: with
+    ``interval`` > 1 a resumed step inside an interval needs the σ of the draw it continues.
     """
 
     def __init__(self, model: nn.Module, config: FlatLoraConfig, rank: int = 0) -> None:
@@ -318,7 +435,6 @@ class FlatLoraPerturber:
         self.rank = rank
         self.step: int | None = None
         self.factor = 0.0  # f(t)·ρ of the current draw
-        self._relative_perturbation: float | None = None  # cached ‖ε‖/‖W'‖ of the current draw
         self._draw: int | None = None
         self._noise: list[_LayerNoise | None] = []
         self.layers: list[tuple[str, LoraLayer, nn.Linear]] = []
@@ -331,15 +447,18 @@ class FlatLoraPerturber:
         if not self.layers:
             raise ValueError("Flat-LoRA found no peft LoRA layers in the model: add LoRA adapters "
                              "(`get_peft_model` or `model.add_adapter`) before creating the perturber.")
-        largest = max(base.weight.numel() for _, _, base in self.layers)
-        self.sampler = (PooledSampler(config.pool_size or 2 * largest) if config.sampler == "pooled"
-                        else GaussianSampler())
-        if config.sampler == "pooled" and self.sampler.pool_size < largest:
-            raise ValueError(f"`pool_size`={config.pool_size} is smaller than the largest perturbed layer ({largest}).")
-        with torch.no_grad():  # ‖W_i‖² once: W is frozen.
-            self._weight_sq = [base.weight.float().square().sum(1) for _, _, base in self.layers]
+        bases = [base for _, _, base in self.layers]
+        self._devices = {base.weight.device for base in bases}
+        self.sampler_name = resolve_sampler(config.sampler, self._devices)
+        self.sampler = SAMPLERS[self.sampler_name]([base.weight.numel() for base in bases], config.pool_size)
+        self._rows = [base.out_features for base in bases]
+        # 1/√n for every row of every layer, concatenated: the draw's row scales are one vector op.
+        self._inv_sqrt_n = torch.cat([torch.full((base.out_features, 1), 1 / math.sqrt(base.in_features))
+                                      for base in bases])
+        with torch.no_grad():  # ‖W_i‖² once, (m, 1): W is frozen.
+            self._weight_sq = [base.weight.float().square().sum(1, keepdim=True) for base in bases]
         self._noise = [None] * len(self.layers)
-        for index, (_, _, base) in enumerate(self.layers):
+        for index, base in enumerate(bases):
             base.forward = self._make_forward(base, index)
 
     def _make_forward(self, base: nn.Linear, index: int):
@@ -349,42 +468,52 @@ class FlatLoraPerturber:
                 return F.linear(x, base.weight, base.bias)
             if noise.sigma is None:
                 self._resolve_sigma(index)
-            return _NoisyLinear.apply(x, base.weight, base.bias, self.sampler, noise)
+            bias = base.bias
+            if not torch.is_grad_enabled() or not (x.requires_grad or (bias is not None and bias.requires_grad)):
+                return _noisy_linear(x, base.weight, bias, self.sampler, noise)[0]  # no graph to build
+            return _NoisyLinear.apply(x, base.weight, bias, self.sampler, noise)
 
         return forward
 
     def set_step(self, step: int) -> None:
         """Make optimiser step ``step`` (0-based) current, drawing new noise when its interval starts."""
         self.step = step
-        if not self.layers:
-            return
-        draw = step // self.config.interval
-        if draw == self._draw:
-            return
-        self._draw = draw
+        if self.layers and step // self.config.interval != self._draw:
+            self._begin_draw(step // self.config.interval)
+
+    def _begin_draw(self, draw: int) -> None:
+        """Keys, row signs and the pool of draw ``draw``: all a function of (seed, draw, rank), batched."""
         cfg = self.config
+        self._draw = draw
         self.factor = cfg.rho * SCHEDULES[cfg.schedule](draw * cfg.interval, cfg.total_steps or 1)
-        self._relative_perturbation = None
         if self.factor == 0:
             self._noise = [None] * len(self.layers)
             return
         rank = self.rank if cfg.noise_per_rank else 0
-        self.sampler.begin_draw(mix_seed(cfg.seed, draw, rank, -1), {b.weight.device for _, _, b in self.layers})
-        for index, (_, _, base) in enumerate(self.layers):
-            gen = _generator(mix_seed(cfg.seed, draw, rank, index), torch.device("cpu"))
-            signs = torch.randint(0, 2, (base.out_features,), generator=gen).float().mul_(2).sub_(1)
-            key = self.sampler.layer_key(gen, base.weight.numel())
-            self._noise[index] = _LayerNoise(key, signs.to(base.weight.device))
+        gen = _generator(mix_seed(cfg.seed, draw, rank), torch.device("cpu"))
+        keys = self.sampler.begin_draw(gen, mix_seed(cfg.seed, draw, rank, -1), self._devices)
+        signs = torch.randint(0, 2, self._inv_sqrt_n.shape, generator=gen).float().mul_(2).sub_(1)
+        row_scale = signs.mul_(self._inv_sqrt_n).mul_(self.factor)  # (Σm, 1) ±f(t)·ρ/√n
+        if len(self._devices) == 1:
+            scales = row_scale.to(next(iter(self._devices))).split(self._rows)
+        else:
+            scales = [s.to(base.weight.device) for s, (_, _, base) in zip(row_scale.split(self._rows), self.layers,
+                                                                           strict=True)]
+        self._noise = [_LayerNoise(key, scale) for key, scale in zip(keys, scales, strict=True)]
 
     def _resolve_sigma(self, index: int) -> None:
         """σ_i of layer ``index`` from the current LoRA weights (those of the draw's first forward)."""
         _, lora, base = self.layers[index]
-        noise = self._noise[index]
-        device_type = base.weight.device.type
-        with torch.no_grad(), torch.autocast(device_type, enabled=False):
-            row_norm_sq = self._merged_row_norm_sq(lora, base.weight, self._weight_sq[index])
-            noise.merged_row_sq = row_norm_sq
-            noise.sigma = (self.factor / math.sqrt(base.in_features)) * row_norm_sq.sqrt() * noise.signs
+        with torch.no_grad(), torch.autocast(base.weight.device.type, enabled=False):
+            row_sq = self._merged_row_norm_sq(lora, base.weight, self._weight_sq[index])
+            self._set_sigma(self._noise[index], row_sq, _dora_noise_scale(lora, row_sq))
+
+    @staticmethod
+    def _set_sigma(noise: _LayerNoise, row_sq: torch.Tensor, dora_scale: torch.Tensor | None) -> None:
+        noise.merged_row_sq, noise.dora_scale = row_sq, dora_scale
+        sigma = row_sq.sqrt().mul_(noise.row_scale)
+        noise.sigma = sigma if dora_scale is None else sigma.mul_(dora_scale)
+        noise.cache.clear()
 
     @staticmethod
     def _merged_row_norm_sq(lora: LoraLayer, weight: torch.Tensor, weight_sq: torch.Tensor) -> torch.Tensor:
@@ -392,36 +521,50 @@ class FlatLoraPerturber:
         active = [a for a in lora.active_adapters if a in lora.lora_A]
         if not active:
             return weight_sq
-        a_cat = torch.cat([lora.lora_A[a].weight for a in active]).float()  # (R, n)
-        b_cat = torch.cat([lora.lora_B[a].weight * lora.scaling[a] for a in active], dim=1).float()  # (m, R)
+        if len(active) == 1:  # the common case: no concatenation, the scaling folded into addmm/add
+            scale = lora.scaling[active[0]]
+            a_cat, b_cat = lora.lora_A[active[0]].weight.float(), lora.lora_B[active[0]].weight.float()
+        else:
+            scale = 1.0
+            a_cat = torch.cat([lora.lora_A[a].weight for a in active]).float()  # (R, n)
+            b_cat = torch.cat([lora.lora_B[a].weight * lora.scaling[a] for a in active], dim=1).float()  # (m, R)
         wa = (weight @ a_cat.to(weight.dtype).T).float()  # (m, R): one read of W
-        cross = 2 * (wa * b_cat).sum(1)
-        lora_sq = ((b_cat @ (a_cat @ a_cat.T)) * b_cat).sum(1)
-        return (weight_sq + cross + lora_sq).clamp_min(0)
-
-    @property
-    def relative_perturbation(self) -> float:
-        """Mean over layers of ‖ε‖/‖W'‖ for the current draw (0 when no noise is active).
-
-        Computed on first access per draw, so a run that does not log it does not pay for it.
-        """
-        if self._relative_perturbation is None:
-            ratios = []
-            with torch.no_grad():
-                for index, ((_, _, base), noise) in enumerate(zip(self.layers, self._noise, strict=True)):
-                    if noise is None:
-                        continue
-                    if noise.sigma is None:  # a layer the forward has not reached yet
-                        self._resolve_sigma(index)
-                    z_sq = self.sampler.row_sq_norms(noise.key, base.weight.shape, noise.sigma.device)
-                    noise_sq = (noise.sigma.square() * z_sq).sum()
-                    ratios.append((noise_sq / noise.merged_row_sq.sum().clamp_min(1e-30)).sqrt().item())
-            self._relative_perturbation = sum(ratios) / len(ratios) if ratios else 0.0
-        return self._relative_perturbation
+        # ‖W_i + sB_iA‖² = ‖W_i‖² + s·((2·WAᵀ + s·B·AAᵀ) ⊙ B)_i summed over R
+        both = torch.addmm(wa, b_cat, a_cat @ a_cat.T, beta=2, alpha=scale)
+        return weight_sq.add((both * b_cat).sum(1, keepdim=True), alpha=scale).clamp_min_(0)  # (m, 1)
 
     def stats(self) -> dict[str, float]:
-        """Values to log: the current f(t)·ρ and the mean relative perturbation ‖ε‖/‖W'‖."""
-        return {"flat_lora/rho_t": self.factor, "flat_lora/rel_perturbation": self.relative_perturbation}
+        """Values to log: the current f(t)·ρ, which is also the expected ‖ε‖/‖W'‖ of every layer.
+
+        (E‖ε_i‖² = σ_i²·n = (f(t)·ρ)²·‖W'_i‖² by the choice of σ; measuring the realized ratio
+        would cost a pass over every layer's noise, which this logger does not pay each step.)
+        """
+        return {"flat_lora/rho_t": self.factor}
+
+    def state_dict(self) -> dict:
+        """The current draw and, per layer, the O(m) inputs of its σ (the LoRA weights of the draw's start).
+
+        Rank-independent: every rank can load the state saved by one.
+        """
+        resolved = [noise is not None and noise.sigma is not None for noise in self._noise]
+        return {"draw": self._draw,
+                "merged_row_sq": [n.merged_row_sq.cpu() if r else None for n, r in zip(self._noise, resolved, strict=True)],
+                "dora_scale": [n.dora_scale.cpu() if r and n.dora_scale is not None else None
+                               for n, r in zip(self._noise, resolved, strict=True)]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s draw, so that the next :meth:`set_step` of it reuses its σ."""
+        if not self.layers or state["draw"] is None:
+            return
+        if len(state["merged_row_sq"]) != len(self.layers):
+            raise ValueError(f"The Flat-LoRA state has {len(state['merged_row_sq'])} layers, this model "
+                             f"{len(self.layers)}: resume with the same LoRA target modules.")
+        self._begin_draw(state["draw"])
+        for noise, row_sq, dora, (_, _, base) in zip(self._noise, state["merged_row_sq"], state["dora_scale"],
+                                                     self.layers, strict=True):
+            if noise is not None and row_sq is not None:
+                device = base.weight.device
+                self._set_sigma(noise, row_sq.to(device), None if dora is None else dora.to(device))
 
     def remove(self) -> None:
         """Uninstall: the base layers get their plain forward back."""

@@ -14,6 +14,8 @@ from flatlora_diffusion.flat_lora import (
     SCHEDULES,
     FlatLoraConfig,
     FlatLoraPerturber,
+    mixing_matrices,
+    resolve_sampler,
 )
 
 SAMPLERS = ["pooled", "gaussian"]
@@ -147,6 +149,37 @@ def test_noise_is_independent_across_layers_and_steps(sampler):
     assert abs(corr(first[:-1], first[1:])) < bound
 
 
+def test_pooled_layers_are_no_shifted_copies_of_each_other():
+    """At the shift where two layers' windows line up, |ε| of one is not a copy of the other's."""
+    from flatlora_diffusion.bench import abs_corr_worst_shift
+
+    model = lora_model(torch.float64)
+    layers = lora_layers(model)
+    perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.2, schedule="constant", sampler="pooled"))
+    perturber.set_step(1)
+    first, second = (probe_noise(layers[k]) / expected_sigma(layers[k], 0.2)[:, None] for k in ("first", "second"))
+    assert perturber.sampler.reuse <= 1
+    assert abs_corr_worst_shift(first, second) < 0.1  # a shared window gives its overlap fraction, up to 1
+
+
+def test_mixing_matrices_are_orthogonal_and_mutually_spread():
+    mats = mixing_matrices().double()
+    for a in range(len(mats)):
+        torch.testing.assert_close(mats[a].T @ mats[a], torch.eye(16, dtype=torch.double))
+        for b in range(a + 1, len(mats)):  # same group, two blocks: every correlation is ±1/4
+            torch.testing.assert_close((mats[a].T @ mats[b]).abs(), torch.full((16, 16), 0.25, dtype=torch.double))
+
+
+def test_auto_sampler_is_exact_gaussian_on_cuda_and_pooled_on_cpu():
+    assert FlatLoraConfig().sampler == "auto"
+    assert resolve_sampler("auto", {torch.device("cuda", 0)}) == "gaussian"
+    assert resolve_sampler("auto", {torch.device("cpu")}) == "pooled"
+    assert resolve_sampler("auto", {torch.device("cpu"), torch.device("cuda", 0)}) == "pooled"
+    assert resolve_sampler("gaussian", {torch.device("cpu")}) == "gaussian"
+    perturber = FlatLoraPerturber(lora_model(), FlatLoraConfig(rho=0.1, schedule="constant"))
+    assert perturber.sampler_name == "pooled"
+
+
 def test_schedules_at_start_middle_and_end():
     expected = {"cosine": (0.0, 0.5, 1.0), "linear": (0.0, 0.5, 1.0), "constant": (1.0, 1.0, 1.0)}
     for name, values in expected.items():
@@ -164,7 +197,7 @@ def test_perturber_follows_the_schedule_over_optimiser_steps(schedule):
     assert probe_noise(lora_layers(model)["first"]).abs().max() < 1e-6  # no noise at t = 0
     perturber.set_step(5)
     assert perturber.factor == pytest.approx(0.05)
-    assert perturber.stats()["flat_lora/rel_perturbation"] == pytest.approx(0.05, rel=0.05)
+    assert perturber.stats() == {"flat_lora/rho_t": pytest.approx(0.05)}
     perturber.set_step(10)
     assert perturber.factor == pytest.approx(0.1)
 
@@ -181,6 +214,25 @@ def test_one_noise_per_step_shared_by_micro_batches_and_interval():
     assert torch.equal(a, probe_noise(layer))
     perturber.set_step(4)
     assert not torch.equal(a, probe_noise(layer))
+
+
+def test_state_dict_restores_the_sigma_of_the_draw_in_progress():
+    """Inside an interval σ is that of the draw's first forward, also after the LoRA weights moved."""
+    config = FlatLoraConfig(rho=0.3, schedule="constant", interval=3)
+    model = lora_model(torch.float64)
+    perturber = FlatLoraPerturber(model, config)
+    train_steps(model, perturber, steps=2)  # steps 0, 1 of the draw of steps 0-2
+    state = perturber.state_dict()
+    expected = probe_noise(lora_layers(model)["first"])
+    perturber.remove()
+    for restore in (True, False):
+        resumed = FlatLoraPerturber(model, config)
+        if restore:
+            resumed.load_state_dict(state)
+        resumed.set_step(2)
+        noise = probe_noise(lora_layers(model)["first"])
+        assert torch.equal(noise, expected) == restore  # without the state σ comes from the newer weights
+        resumed.remove()
 
 
 def test_no_noise_in_eval_mode():
@@ -305,6 +357,32 @@ def test_composes_with_lora_variants(variant):
     assert_same(before, base_state(model))
 
 
+def test_dora_noise_perturbs_the_direction_with_and_without_dropout():
+    """DoRA computes m ⊙ (W + ε + sBA)/‖W + sBA‖: the noise reaches the output scaled by m/‖W + sBA‖,
+    whether peft reuses the base output (no dropout) or recomputes it from the clean weight (dropout)."""
+    x = torch.randn(8, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    effects = {}
+    for dropout in (0.0, 0.5):
+        model = lora_model(torch.float64, use_dora=True, lora_dropout=dropout)
+        layer = lora_layers(model)["first"]
+        with torch.no_grad():  # a trained magnitude: no longer the row norm it was initialised to
+            magnitude = layer.lora_magnitude_vector["default"].weight
+            magnitude.mul_(torch.linspace(0.5, 2.0, magnitude.numel(), dtype=magnitude.dtype))
+        perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.3, schedule="constant"))
+        perturber.set_step(1)
+        torch.manual_seed(0)  # the same dropout mask in both passes
+        noisy = layer(x)
+        eps = probe_noise(layer) if dropout == 0 else None
+        perturber.remove()
+        torch.manual_seed(0)
+        effects[dropout] = (noisy - layer(x)).detach()
+        if eps is not None:
+            merged = layer.get_base_layer().weight + layer.get_delta_weight("default")
+            scale = magnitude / merged.norm(dim=1)
+            torch.testing.assert_close(effects[dropout], (x @ eps.T) * scale)
+    torch.testing.assert_close(effects[0.5], effects[0.0])
+
+
 def test_composes_with_loraplus_param_groups():
     from peft.optimizers import create_loraplus_optimizer
 
@@ -335,8 +413,9 @@ def test_state_is_o_of_rows():
     perturber.set_step(1)
     model(torch.randn(2, 512))  # σ is computed on each layer's first forward of the draw
     for noise, cached in zip(perturber._noise, perturber._weight_sq, strict=True):
-        assert noise.sigma.shape == noise.signs.shape == noise.merged_row_sq.shape == cached.shape == (64,)
-    assert perturber.sampler.pool_size == 2 * 64 * 512
+        assert noise.sigma.shape == noise.row_scale.shape == noise.merged_row_sq.shape == cached.shape == (64, 1)
+    assert perturber.sampler.fresh == 2 * 64 * 512  # fresh N(0, 1) samples per draw
+    assert perturber.sampler.pool_size == perturber.sampler.blocks * perturber.sampler.fresh
 
 
 # --- bad input ---------------------------------------------------------------------------------------
@@ -354,6 +433,11 @@ def test_state_is_o_of_rows():
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FlatLoraConfig(**kwargs)
+
+
+def test_pool_smaller_than_a_layer_is_rejected():
+    with pytest.raises(ValueError, match="`pool_size`=1000 is too small"):
+        FlatLoraPerturber(lora_model(), FlatLoraConfig(rho=0.1, schedule="constant", sampler="pooled", pool_size=1000))
 
 
 def test_config_errors_are_reported_together():
@@ -382,4 +466,12 @@ def test_second_perturber_on_same_model_is_rejected():
     model = lora_model()
     FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, schedule="constant"))
     with pytest.raises(ValueError, match="already has a Flat-LoRA perturber"):
+        FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, schedule="constant"))
+
+
+def test_several_active_adapters_with_dora_are_rejected():
+    model = lora_model(use_dora=True)
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["first", "second"]))
+    model.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match="several active adapters, one of them DoRA"):
         FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, schedule="constant"))

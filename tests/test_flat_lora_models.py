@@ -192,3 +192,31 @@ def test_accelerate_integration_uses_process_index(tiny_sd_path):
     assert perturber.rank == accelerator.process_index
     perturber.set_step(1)
     unet_loss(accelerator.unwrap_model(unet)).backward()
+
+
+def test_transformers_trainer_resume_inside_an_interval_is_exact(tiny_llama_path, tmp_path):
+    """Checkpoint 4 falls inside the draw of steps 3-5 (`interval=3`): the resumed run keeps its σ."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from flatlora_diffusion.integrations.transformers import add_flat_lora
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_path)
+    texts = [f"Q: {a} + {b}?\nA: {a + b}" for a in range(6) for b in range(2)]
+    data = Dataset.from_dict(dict(tokenizer(texts, padding="max_length", max_length=24)))
+    data = data.map(lambda row: {"labels": row["input_ids"]})
+
+    def run(out, resume=None):
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_path),
+                               LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, max_steps=6, save_steps=2,
+                                 learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, logging_steps=100)
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        add_flat_lora(trainer, FlatLoraConfig(rho=0.5, schedule="constant", interval=3))
+        trainer.train(resume_from_checkpoint=resume)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    reference = run(tmp_path / "ref")
+    resumed = run(tmp_path / "ref", resume=str(tmp_path / "ref" / "checkpoint-4"))
+    assert max((reference[k] - resumed[k]).abs().max().item() for k in reference) == 0

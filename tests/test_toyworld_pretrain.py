@@ -96,10 +96,15 @@ def test_step_counts_are_a_function_of_the_budget_only():
 
 
 def test_unet_extra_steps_extend_a_finished_run_exactly_as_a_run_from_scratch(small_stages, tmp_path, monkeypatch):
-    monkeypatch.setattr(pretrain_module, "BATCH", {k: 8 for k in pretrain_module.BATCH})
-    extended = replace(small_stages, unet_extra_steps=20)
+    """Every stage, 20 steps of batch 4 on 64 renders: the cheapest whole run, twice."""
+    monkeypatch.setattr(pretrain_module, "POOL", {k: 64 for k in pretrain_module.POOL})
+    monkeypatch.setattr(pretrain_module, "BATCH", {k: 4 for k in pretrain_module.BATCH})
+    monkeypatch.setattr(pretrain_module, "HELD_OUT", 64)
+    settings = PretrainSettings(minutes=0.01)
+    assert settings.steps("unet") == 20
+    extended = replace(settings, unet_extra_steps=20)
     pretrain(tmp_path / "scratch", extended)
-    pretrain(tmp_path / "run", small_stages)
+    pretrain(tmp_path / "run", settings)
     first = load_file(tmp_path / "run/sd/unet/diffusion_pytorch_model.safetensors")
     pretrain(tmp_path / "run", extended)  # the finished run's command plus the flag
     scratch = load_file(tmp_path / "scratch/sd/unet/diffusion_pytorch_model.safetensors")

@@ -7,12 +7,15 @@ A checkpoint ``OUTPUT_DIR/checkpoint-STEP/`` holds::
     optimizer.pt              # optimiser state (tensors and numbers only: loaded with weights_only=True)
     lr_scheduler.pt           # learning-rate scheduler state
     scaler.pt                 # fp16 gradient scaler state (fp16 runs only)
+    flat_lora.pt              # Flat-LoRA: the current draw and the O(m) inputs of its σ per layer (rho > 0)
     rng_state_<RANK>.pt       # python, numpy, torch (and CUDA) generator states of each process
     trainer_state.json        # step, epoch, position in the epoch, seed, ... -- written last
 
 A checkpoint is written every ``--checkpointing_steps`` steps and at the last step, so that
-``latest`` on a finished run finds it complete. The Flat-LoRA perturbation is stateless (a
-function of the seed and the optimiser step), so the step in ``trainer_state.json`` is all it needs.
+``latest`` on a finished run finds it complete. The Flat-LoRA noise is a function of the seed and
+the optimiser step, but its σ comes from the LoRA weights at the start of the draw: with
+``--flat_interval`` > 1, a resume inside an interval needs that draw's σ, saved by the perturbers'
+``state_dict()``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from flatlora_diffusion import files
 from flatlora_diffusion.adapters import WEIGHTS_NAME
 
 STATE_NAME = "trainer_state.json"
+FLAT_LORA_NAME = "flat_lora.pt"
 FORMAT_VERSION = 2  # 1: peft-named `lora.safetensors`
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _TEMPORARY = re.compile(r"^\.checkpoint-\d+\.(tmp|deleting)$")  # `temporary_dir` and `remove`

@@ -26,7 +26,7 @@ import yaml
 
 from flatlora_diffusion.dreambooth.data import RESAMPLE
 from flatlora_diffusion.files import write_text
-from flatlora_diffusion.flat_lora import SAMPLERS, SCHEDULES, FlatLoraConfig
+from flatlora_diffusion.flat_lora import SAMPLER_CHOICES, SCHEDULES, FlatLoraConfig
 from flatlora_diffusion.typed_config import help_field as _f
 from flatlora_diffusion.typed_config import type_errors
 from flatlora_diffusion.typed_config import type_ok as _type_ok
@@ -459,7 +459,7 @@ FLAT_FLAGS = {
 # noise seed follows `--seed` unless set (resolved by the trainer, so a new `--seed` is new noise).
 FLAT_DEFAULTS = {"rho": 0.1, "seed": None}
 FLAT_HINTS = {"seed": int | None}
-FLAT_CHOICES = {"schedule": tuple(SCHEDULES), "sampler": tuple(SAMPLERS)}
+FLAT_CHOICES = {"schedule": tuple(SCHEDULES), "sampler": SAMPLER_CHOICES}
 FLAT_HELP_EXTRA = {"total_steps": " Default: `--max_train_steps`.", "seed": " Default: `--seed`."}
 
 SECTIONS: dict[str, type[_Section]] = {

@@ -17,7 +17,8 @@ One step, for each micro-batch of an optimiser step:
 Randomness is keyed, not streamed: the diffusion noise and timesteps of a micro-batch come from a
 generator seeded with (seed, epoch, batch index, process), the data from (seed, epoch, index), and
 Flat-LoRA's noise from (seed, optimiser step, layer, process). A resumed run therefore replays the
-same numbers as an uninterrupted one; the global RNG (LoRA dropout) is saved in checkpoints.
+same numbers as an uninterrupted one; the global RNG (LoRA dropout) and the σ of the Flat-LoRA draw
+in progress are saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -596,6 +597,8 @@ class DreamBoothTrainer:
             torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
             if acc.scaler is not None:
                 torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
+            if self.perturbers:  # σ of the current draw (rank-independent): exact resume inside an interval
+                torch.save({name: p.state_dict() for name, p in self.perturbers.items()}, tmp / ckpt.FLAT_LORA_NAME)
         acc.wait_for_everyone()
         if acc.is_main_process:
             epoch, done = self.epoch, self.batches_done
@@ -641,10 +644,29 @@ class DreamBoothTrainer:
         if rng is not None:
             ckpt.set_rng_state(rng)
         self.global_step, self.epoch, self.batches_done = state["global_step"], state["epoch"], state["batches_done"]
+        self._load_flat_lora_state(path)
         self.losses = list(state.get("losses", []))
         self.last_checkpoint = path
         logger.info("Resumed from `%s` at step %d (epoch %d, batch %d).", path, self.global_step, self.epoch,
                     self.batches_done)
+
+    def _load_flat_lora_state(self, path: Path) -> None:
+        """The perturbers' current draw, so that a step inside a `--flat_interval` keeps its σ."""
+        if not self.perturbers:
+            return
+        if not (path / ckpt.FLAT_LORA_NAME).is_file():
+            if self.global_step % self.config.flat.interval:
+                logger.warning("`%s` has no `%s`: the σ of the Flat-LoRA draw in progress is recomputed from "
+                               "the current LoRA weights (the resume is not exact).", path, ckpt.FLAT_LORA_NAME)
+            return
+        states = ckpt.load_torch(path, ckpt.FLAT_LORA_NAME)
+        for name, perturber in self.perturbers.items():
+            try:
+                perturber.load_state_dict(states[name])
+            except (KeyError, ValueError) as err:
+                raise DreamBoothError([f"`--resume_from_checkpoint` `{path}`: `{ckpt.FLAT_LORA_NAME}` does not fit "
+                                       f"this run ({err}); resume with the same `--train_text_encoder` and "
+                                       "`--lora_target_modules`."]) from err
 
     # ------------------------------------------------------------------------------------------
     # validation and saving

@@ -11,8 +11,10 @@
             global_step += 1
             accelerator.log(perturber.stats(), step=global_step)
 
-The noise depends only on (seed, optimiser step, layer, rank), so resuming needs nothing but
-the restored ``global_step``; the ramp follows optimiser steps whatever the number of processes.
+The noise depends on (seed, optimiser step, layer, rank) and on σ, taken from the LoRA weights
+at the start of each draw: save ``perturber.state_dict()`` with your checkpoints and call
+``perturber.load_state_dict(...)`` on resume (needed with ``interval`` > 1, O(m) per layer). The
+ramp follows optimiser steps whatever the number of processes.
 """
 
 from __future__ import annotations

@@ -205,6 +205,7 @@ class LLMRecipe:
             from flatlora_diffusion.integrations.transformers import add_flat_lora
 
             self.flat_lora = add_flat_lora(self.trainer, self.config.flat_lora)
+            self.flat_lora.resume_from = self.resume_from
         if self.args.process_index == 0:
             launched = "python -m flatlora_diffusion.llm train " + shlex.join(self.argv) if self.argv else "the API"
             self.config.save_yaml(self.output_dir / "config.yaml",

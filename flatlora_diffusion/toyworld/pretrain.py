@@ -468,11 +468,8 @@ def pretrain(out_dir: str | Path, settings: PretrainSettings = PretrainSettings(
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     _atomic_save_pretrained([pipe], out / "sd")
     for name in ("clip", "vit", "oracle"):
-        tmp = out / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(work / name, tmp)
-        shutil.rmtree(out / name, ignore_errors=True)
-        tmp.rename(out / name)
+        with atomic_dir(out / name) as tmp:
+            shutil.copytree(work / name, tmp, dirs_exist_ok=True)
     manifest = {"command": command, "settings": asdict(settings),
                 "steps": {stage: settings.steps(stage) for stage in settings.stages()},
                 "results": {stage: {k: v for k, v in report[stage].items() if k != "history"}
