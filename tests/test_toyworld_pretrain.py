@@ -88,6 +88,9 @@ def test_unet_stage_needs_its_inputs_and_cli_checks_flags(small_stages, tmp_path
     with pytest.raises(SystemExit):
         cli(["pretrain", str(tmp_path / "x"), "--minutes", "0"])
     assert "`--minutes` must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["pretrain", str(tmp_path / "x"), "--unet_extra_steps", "-1"])
+    assert "`--unet_extra_steps` must be 0 or more" in capsys.readouterr().err
 
 
 def test_step_counts_are_a_function_of_the_budget_only():
