@@ -33,6 +33,7 @@ continues exactly where it stopped. The result, in ``OUT_DIR``:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -375,9 +376,7 @@ def _unet_stage(settings: PretrainSettings, work: Path, device: torch.device, na
 
 
 STAGE_FUNCTIONS = {"oracle": _oracle_stage, "vae": _vae_stage, "clip": _clip_stage, "vit": _vit_stage,
-                   "unet": _unet_stage,
-                   "unet_continued": lambda settings, work, device: _unet_stage(settings, work, device,
-                                                                                "unet_continued")}
+                   "unet": _unet_stage, "unet_continued": functools.partial(_unet_stage, name="unet_continued")}
 NEEDS = {"unet": ("vae", "clip"), "unet_continued": ("unet",)}
 
 
