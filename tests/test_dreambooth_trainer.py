@@ -59,6 +59,12 @@ def argv(model: Path, out: Path, *extra: str, steps: int = 2, seed: int | None =
             "--checkpointing_steps", "1000", *(["--seed", str(seed)] if seed is not None else []), *extra]
 
 
+def stock_sample(pipe) -> torch.Tensor:
+    """Two seeded denoising steps of PROMPT through a stock diffusers pipeline, as a tensor."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+
 def lora_tensors(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "pytorch_lora_weights.safetensors"))
 
@@ -117,14 +123,9 @@ def test_adapter_loads_into_a_stock_pipeline_and_changes_its_output(flat_run, ti
 
     _, out = flat_run
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-
-    def sample():
-        return pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
-
-    before = sample()
+    before = stock_sample(pipe)
     pipe.load_lora_weights(str(out))
-    assert (sample() - before).abs().max() > 1e-4
+    assert (stock_sample(pipe) - before).abs().max() > 1e-4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,17 +324,12 @@ def test_latest_on_a_finished_run_changes_nothing_and_checkpoints_load_in_diffus
     final, saved = lora_tensors(out), lora_tensors(checkpoint)
     assert final.keys() == saved.keys() and all(torch.equal(final[k], saved[k]) for k in final)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-
-    def sample():
-        return pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
-
-    base = sample()
+    base = stock_sample(pipe)
     pipe.load_lora_weights(str(out))
-    with_final = sample()
+    with_final = stock_sample(pipe)
     pipe.unload_lora_weights()
     pipe.load_lora_weights(str(checkpoint))
-    assert torch.equal(sample(), with_final) and (with_final - base).abs().max() > 1e-4
+    assert torch.equal(stock_sample(pipe), with_final) and (with_final - base).abs().max() > 1e-4
     from flatlora_diffusion.adapters import find_adapters
 
     found = {info.name: info for info in find_adapters([out])}  # what the app and the eval list
