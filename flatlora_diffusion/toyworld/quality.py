@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -134,6 +135,18 @@ def subject_fidelity(pipe, oracle: Oracle, subject: Subject, *, images_per_promp
         "images_per_prompt": images_per_prompt, "seed": seed, "protocol": asdict(protocol),
     }
     return result, images, repeated
+
+
+def score_image_files(oracle: Oracle, subject: Subject, files: Sequence[str | Path], prompts: Sequence[str]) -> dict:
+    """Oracle read of generated images (e.g. `python -m eval dreambench` outputs) of one subject:
+    the fraction showing the subject, and, over the prompts that name a scene, the fraction in that scene."""
+    images = [Image.open(f).convert("RGB") for f in files]
+    predicted = oracle.predict(_tensor(images))
+    shows = [name == subject.name for name in predicted["subject"]]
+    scene_rows = [i for i, p in enumerate(prompts) if _scene_of_prompt(p)]
+    scene_ok = [predicted["scene"][i] == _scene_of_prompt(prompts[i]) for i in scene_rows]
+    return {"subject": _fraction(shows), "scene": _fraction(scene_ok),
+            "scene_and_subject": _fraction([ok and shows[i] for ok, i in zip(scene_ok, scene_rows, strict=True)])}
 
 
 def grid(images: Sequence[Image.Image], columns: int = 8, labels: Sequence[str] | None = None,
