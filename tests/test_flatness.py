@@ -240,6 +240,19 @@ def test_each_adapter_measures_the_same_alone_or_after_another_and_the_base_is_u
     assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
 
 
+def test_sdxl_adapter_with_both_text_encoders_is_measured(tiny_sdxl_path, sdxl_adapter_dir):
+    world = open_world(sd_config(tiny_sdxl_path, {"xl": sdxl_adapter_dir}))
+    try:
+        layers = world.activate("xl")
+        assert {name.split(".")[0] for name in layers} == {"unet", "text_encoder", "text_encoder_2"}
+        assert world.time_ids.shape == (4, 6)  # SDXL micro-conditioning of every triple
+        clean = world.loss()
+        noisy = expected_losses(world.loss, layers, [0.2], 2, seed=0, sampler="gaussian", clean=clean)["0.2"]
+    finally:
+        world.close()
+    assert math.isfinite(clean) and noisy["draws"][0] != clean
+
+
 def test_cli_writes_json_csv_and_both_charts(tiny_sd_path, sd_adapter_dir, other_adapter_dir, tmp_path, capsys):
     code = main(["--base", str(tiny_sd_path), "--adapters", f"dog={sd_adapter_dir}", str(other_adapter_dir),
                  "--data", str(demo_subject_dir()), "--out", str(tmp_path), "--radii", "0,0.05", "--draws", "2",

@@ -83,6 +83,8 @@ def open_world(config: FlatnessConfig):
         device = resolve_device(config.device)
     except RuntimeError as err:
         raise FlatnessError([f"`--device` {config.device!r}: {err}"]) from err
+    if config.dtype == "float16" and device.type == "cpu":
+        raise FlatnessError(["`--dtype float16` needs a CUDA GPU; use float32 or bfloat16 on the CPU."])
     return worlds[detect_kind(config)](config, device, getattr(torch, config.dtype))
 
 

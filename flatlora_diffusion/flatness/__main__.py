@@ -66,9 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    values = {k: v for k, v in vars(args).items() if k != "no_progress"}
-    if isinstance(values["radii"], str):
-        values["radii"] = _radii(values["radii"])
+    values = {k: v for k, v in vars(args).items() if k != "no_progress"}  # argparse typed the default --radii too
     try:
         values["adapters"] = parse_adapters(values["adapters"])
         config = FlatnessConfig(**values)
