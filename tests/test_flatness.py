@@ -226,6 +226,15 @@ def test_each_adapter_measures_the_same_alone_or_after_another_and_the_base_is_u
     for key in ("loss", "expected", "directions"):
         assert after["adapters"]["dog"][key] == alone["adapters"]["dog"][key], key
     assert after["adapters"]["other"]["loss"] != alone["adapters"]["dog"]["loss"]
+    # Paired against the first adapter: the per-draw difference of sharpness, mean and standard error.
+    dog, other = after["adapters"]["dog"], after["adapters"]["other"]
+    assert dog["paired"]["reference"] == "other" and dog["paired"]["same_noise"]
+    diffs = [(a - dog["loss"]) - (b - other["loss"])
+             for a, b in zip(dog["expected"]["0.1"]["draws"], other["expected"]["0.1"]["draws"], strict=True)]
+    paired = dog["paired"]["sharpness"]["0.1"]
+    assert paired["delta_sharpness"] == pytest.approx(sum(diffs) / 2)
+    assert paired["sem"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2)  # two draws: s / √2 = |d1 − d2| / 2
+    assert other["paired"]["sharpness"]["0.1"] == {"radius": 0.1, "delta_sharpness": 0.0, "sem": 0.0}
     assert after["data"]["timesteps"] == alone["data"]["timesteps"]
     # After both adapters, their noise and their directions, the unloaded base is the one on disk, bit for bit.
     world = open_world(sd_config(tiny_sd_path, {"dog": sd_adapter_dir, "other": other_adapter_dir}))
@@ -265,7 +274,7 @@ def test_cli_writes_json_csv_and_both_charts(tiny_sd_path, sd_adapter_dir, other
     assert len(dog["directions"]["losses"]) == 1 and dog["directions"]["losses"][0][1] == dog["loss"]
     assert report["settings"]["seed"] == 0 and report["seconds"] > 0 and "packages" in report["environment"]
     lines = (tmp_path / "flatness.csv").read_text().splitlines()
-    assert lines[0] == "adapter,measure,x,direction,loss,sem,sharpness,n" and len(lines) == 1 + 2 * (2 + 3)
+    assert lines[0] == "adapter,measure,x,direction,loss,sem,sharpness,n" and len(lines) == 1 + 2 * (2 + 2 + 3)
     for picture in ("flatness.png", "directions.png"):
         assert (tmp_path / picture).stat().st_size > 1000
     assert "dog: L(0) =" in capsys.readouterr().out

@@ -13,7 +13,9 @@ Per adapter, on one fixed held-out set (the same for every adapter):
   adapter's target layers, the trainer's own noise code), mean ± standard error over ``draws``
   draws, and the sharpness E L(r) − L(0);
 * ``directions``: L(W' + α·d) along filter-normalised random directions d (Li et al. 2018) at
-  each α; every adapter gets the same directions.
+  each α; every adapter gets the same directions;
+* ``paired``: the sharpness difference to the first adapter, draw by draw (both saw the same
+  standard-normal noise when their target layers agree): mean ± paired standard error.
 
 The adapters' kind (SD/SDXL diffusion or peft LLM) is told from their folders; see
 :mod:`flatlora_diffusion.flatness.diffusion` and :mod:`flatlora_diffusion.flatness.llm` for the
@@ -29,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flatlora_diffusion.flatness.config import FlatnessConfig, FlatnessError
-from flatlora_diffusion.flatness.meter import direction_curves, expected_losses
+from flatlora_diffusion.flatness.meter import direction_curves, expected_losses, paired_sharpness
 
 FORMAT_VERSION = 1
 DIFFUSION_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -97,7 +99,9 @@ def measure_flatness(config: FlatnessConfig, *, progress: bool = True) -> dict:
          "adapters": {NAME: {"path", "target_layers", "perturbed_weights", "seconds",
                              "loss": L(0),
                              "expected": {"0.05": {"radius", "mean", "sem", "sharpness", "draws": [...]}, ...},
-                             "directions": {"alphas": [...], "losses": [[...] per direction], "mean": [...]}}},
+                             "directions": {"alphas": [...], "losses": [[...] per direction], "mean": [...]},
+                             "paired": {"reference": FIRST_ADAPTER, "same_noise": bool,
+                                        "sharpness": {"0.05": {"radius", "delta_sharpness", "sem"}, ...} | None}}},
          "seconds": ..., "environment": {...}}
     """
     from eval.environment import environment
@@ -108,12 +112,13 @@ def measure_flatness(config: FlatnessConfig, *, progress: bool = True) -> dict:
     alphas = config.alphas
     per_adapter = 1 + len(noisy_radii) * config.draws + config.directions * (len(alphas) - 1)
     bar = tqdm(total=per_adapter * len(config.adapters), desc="flatness", unit="pass", disable=not progress)
-    results = {}
+    results, layer_names = {}, {}
     try:
         for name, folder in config.adapters.items():
             began = time.perf_counter()
             bar.set_postfix(adapter=name)
             layers = world.activate(name)
+            layer_names[name] = list(layers)
             clean = world.loss()
             bar.update()
             expected = expected_losses(world.loss, layers, list(config.radii), config.draws, seed=config.seed,
@@ -127,6 +132,11 @@ def measure_flatness(config: FlatnessConfig, *, progress: bool = True) -> dict:
     finally:
         bar.close()
         world.close()
+    reference = next(iter(results))
+    for name, result in results.items():  # paired against the first adapter, when the noise was the same
+        same = layer_names[name] == layer_names[reference]
+        result["paired"] = {"reference": reference, "same_noise": same,
+                            "sharpness": paired_sharpness(result, results[reference]) if same else None}
     report = {"format_version": FORMAT_VERSION, "kind": world.kind, "base": config.base,
               "settings": config.to_dict() | {"alphas": alphas}, "data": world.describe(), "adapters": results,
               "seconds": time.perf_counter() - start,

@@ -13,13 +13,18 @@ CSV_FIELDS = ("adapter", "measure", "x", "direction", "loss", "sem", "sharpness"
 
 
 def csv_rows(report: dict) -> list[dict]:
-    """One row per (adapter, radius) of the expected loss and per (adapter, direction, α) of the curves."""
+    """Rows per adapter: each radius's expected loss, its paired sharpness difference to the reference
+    adapter (`sharpness` holds the difference), and each (direction, α) of the curves."""
     rows = []
     for name, result in report["adapters"].items():
         for entry in result["expected"].values():
             rows.append({"adapter": name, "measure": "expected", "x": entry["radius"], "direction": "",
                          "loss": entry["mean"], "sem": entry["sem"], "sharpness": entry["sharpness"],
                          "n": len(entry["draws"])})
+        for entry in (result["paired"]["sharpness"] or {}).values():
+            rows.append({"adapter": name, "measure": f"paired_vs_{result['paired']['reference']}",
+                         "x": entry["radius"], "direction": "", "loss": "", "sem": entry["sem"],
+                         "sharpness": entry["delta_sharpness"], "n": report["settings"]["draws"]})
         curves = result["directions"]
         for index, losses in enumerate(curves["losses"]):
             for alpha, loss in zip(curves["alphas"], losses, strict=True):
