@@ -93,7 +93,7 @@ def test_plain_loss_is_the_trainers_loss_on_the_same_triples(tiny_sd_path, sd_ad
         pred = pipe.unet(noisy, world.timesteps, embeds).sample
     is_class = torch.zeros(len(world.prompts), dtype=torch.bool)
     trainer_loss = dreambooth_loss(pred, world.noise, world.timesteps, is_class, scheduler, None, 1.0)
-    assert clean == pytest.approx(trainer_loss.item(), rel=1e-6, abs=0)
+    assert clean == trainer_loss.item(), (clean, trainer_loss.item())
     # The held-out set is the trainer's: a fixed prompt, timesteps in the training range, epsilon targets.
     assert world.prompts == ["a photo of sks dog"] * 4  # from the adapter's recorded instance prompt
     assert torch.equal(world.target, world.noise)
