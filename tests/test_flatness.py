@@ -190,7 +190,7 @@ def test_expected_loss_of_a_linear_layer_matches_the_closed_form():
 # Directions, adapters on one base
 
 
-def test_directions_are_the_same_for_every_adapter(tiny_sd_path, sd_adapter_dir, other_adapter_dir):
+def test_directions_and_noise_draws_are_the_same_for_every_adapter(tiny_sd_path, sd_adapter_dir, other_adapter_dir):
     from flatlora_diffusion.adapters import load_adapter
     from flatlora_diffusion.sampling import activate_adapters, load_pipeline
 
@@ -198,7 +198,7 @@ def test_directions_are_the_same_for_every_adapter(tiny_sd_path, sd_adapter_dir,
     load_adapter(pipe, sd_adapter_dir, "a")
     load_adapter(pipe, other_adapter_dir, "b")
     models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-    unit = {}
+    unit, standard = {}, {}
     for name in ("a", "b"):
         activate_adapters(pipe, {name: 1.0})
         layers = target_layers(models, name)
@@ -207,9 +207,14 @@ def test_directions_are_the_same_for_every_adapter(tiny_sd_path, sd_adapter_dir,
         for key, d in steps.items():
             assert torch.allclose(d.norm(dim=1), norms[key], rtol=1e-5)  # filter-normalised to ‖W'_i‖
         unit[name] = {key: d / norms[key][:, None] for key, d in steps.items()}
+        with paper_noise(layers, 0.1, seed=0) as perturber:  # draw 1: the same N(0, 1) numbers, own σ
+            perturber.set_step(1)
+            standard[name] = {key: probe_noise(layer) / row_sigma(layer, name, 0.1)[:, None]
+                              for key, layer in layers.items()}
     assert unit["a"].keys() == unit["b"].keys()
     for key in unit["a"]:
         torch.testing.assert_close(unit["a"][key], unit["b"][key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(standard["a"][key], standard["b"][key], rtol=0, atol=1e-4)
     other = direction(target_layers(models, "b"), "b", 1, seed=0)
     assert not torch.allclose(other[key] / merged_row_norms(target_layers(models, "b")[key], "b")[:, None],
                               unit["b"][key])
