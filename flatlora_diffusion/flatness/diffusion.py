@@ -30,6 +30,7 @@ from flatlora_diffusion.flat_lora import mix_seed
 from flatlora_diffusion.flatness.config import FlatnessConfig, FlatnessError
 from flatlora_diffusion.flatness.meter import target_layers
 from flatlora_diffusion.model_ids import ModelIdError, resolve_model_id
+from flatlora_diffusion.quiet import benign_warnings
 
 _TRIPLE_STREAM = 0x464C4154  # "FLAT": the triples' generator, apart from the noise's and the directions'
 
@@ -134,7 +135,8 @@ class DiffusionWorld:
                               f"prediction, `--base` `{cfg.base}` predicts {prediction}.")
                 continue
             try:
-                adapter_io.load_adapter(self.pipe, folder, name)
+                with benign_warnings():
+                    adapter_io.load_adapter(self.pipe, folder, name)
             except adapter_io.AdapterError as err:
                 errors.append(f"`--adapters` {name}: {err}")
         if errors:
