@@ -398,13 +398,16 @@ def test_data_folder_without_images_and_missing_folders_are_refused(tiny_sd_path
     assert "`--adapters` gone: folder" in str(info.value) and "`--adapters` no: `" in str(info.value)
 
 
-def unet_adapter(base: Path, out: Path, training: dict) -> Path:
+def unet_adapter(base: Path, out: Path, training: dict, targets: list[str] | None = None) -> Path:
     """A random UNet-only LoRA saved with the given training facts (e.g. no instance prompt)."""
     from flatlora_diffusion.adapters import save_adapter
     from flatlora_diffusion.sampling import load_pipeline
 
     pipe = load_pipeline(base)
-    add_random_lora(pipe, text_encoders=False)
+    if targets is None:
+        add_random_lora(pipe, text_encoders=False)
+    else:
+        pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=targets))
     save_adapter(out, pipeline_class=type(pipe), unet=pipe.unet, base_model=str(base), prediction_type="epsilon",
                  lora_config={"rank": 4}, flat_lora=None, training=training)
     return out
@@ -420,3 +423,13 @@ def test_missing_or_conflicting_prompt_is_refused(tiny_sd_path, sd_adapter_dir, 
     report = measure_flatness(sd_config(tiny_sd_path, {"u": unprompted, "cat": cat}, prompt="a photo of sks ball",
                                         radii=(0,), directions=0), progress=False)
     assert report["data"]["prompts"] == ["a photo of sks ball"]
+
+
+def test_adapter_of_convolutions_is_refused_before_any_work(tiny_sd_path, sd_adapter_dir, tmp_path):
+    conv = unet_adapter(tiny_sd_path, tmp_path / "conv", {"instance_prompt": "a photo of sks dog"},
+                        targets=["to_q", "proj_in"])  # proj_in: a 1x1 Conv2d in the tiny UNet
+    with pytest.raises(FlatnessError, match=r"`--adapters` conv: adapter `.*conv` also adapts layers that are not "
+                                            r"linear \(`unet\.down_blocks\.0\.attentions\.0\.proj_in`"):
+        measure_flatness(sd_config(tiny_sd_path, {"dog": sd_adapter_dir, "conv": conv}, out=tmp_path / "out"),
+                         progress=False)
+    assert not (tmp_path / "out").exists()

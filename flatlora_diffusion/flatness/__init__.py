@@ -90,6 +90,25 @@ def open_world(config: FlatnessConfig):
     return worlds[detect_kind(config)](config, device, getattr(torch, config.dtype))
 
 
+def check_targets(world, adapters) -> None:
+    """Every adapter wraps at least one layer, and only linears (the noise is defined row by row of a matrix)."""
+    from torch import nn
+
+    errors = []
+    for name, folder in adapters.items():
+        layers = world.activate(name)
+        other = [key for key, layer in layers.items() if not isinstance(layer.get_base_layer(), nn.Linear)]
+        if not layers:
+            errors.append(f"`--adapters` {name}: adapter `{folder}` wraps no layer of `--base`.")
+        elif other:
+            errors.append(f"`--adapters` {name}: adapter `{folder}` also adapts layers that are not linear "
+                          f"({', '.join(f'`{k}`' for k in other[:3])}{' ...' if len(other) > 3 else ''}); the "
+                          "Flat-LoRA noise and the directions are defined for linear layers only.")
+    if errors:
+        world.close()
+        raise FlatnessError(errors)
+
+
 def measure_flatness(config: FlatnessConfig, *, progress: bool = True) -> dict:
     """Measure every adapter of ``config``; write the outputs when ``config.out`` is set; return the report.
 
@@ -108,6 +127,7 @@ def measure_flatness(config: FlatnessConfig, *, progress: bool = True) -> dict:
 
     start = time.perf_counter()
     world = open_world(config)
+    check_targets(world, config.adapters)
     noisy_radii = [r for r in config.radii if r > 0]
     alphas = config.alphas
     per_adapter = 1 + len(noisy_radii) * config.draws + config.directions * (len(alphas) - 1)
