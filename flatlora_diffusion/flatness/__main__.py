@@ -15,6 +15,9 @@ from flatlora_diffusion.flatness import measure_flatness
 from flatlora_diffusion.flatness.config import FlatnessConfig, FlatnessError
 
 
+_DEFAULT = " (default: %(default)s)"
+
+
 def _help() -> dict[str, str]:
     return {f.name: f.metadata["help"] for f in fields(FlatnessConfig)}
 
@@ -55,11 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--radii", type=_radii, default=",".join(f"{r:g}" for r in defaults["radii"].default_factory()),
                         help=helps["radii"] + " Comma-separated (default: %(default)s).")
     for name in ("draws", "directions", "alpha_points", "samples", "batch_size", "resolution", "max_length", "seed"):
-        parser.add_argument(f"--{name}", type=int, default=defaults[name].default, help=helps[name])
+        parser.add_argument(f"--{name}", type=int, default=defaults[name].default, help=helps[name] + _DEFAULT)
     parser.add_argument("--direction_scale", type=float, default=defaults["direction_scale"].default,
-                        help=helps["direction_scale"])
+                        help=helps["direction_scale"] + _DEFAULT)
     for name in ("prompt", "template", "sampler", "device", "dtype"):
-        parser.add_argument(f"--{name}", default=defaults[name].default, help=helps[name])
+        parser.add_argument(f"--{name}", default=defaults[name].default, help=helps[name] + _DEFAULT)
     parser.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
     return parser
 
