@@ -14,7 +14,6 @@ from flatlora_diffusion.adapters import adapter_name_for
 from flatlora_diffusion.flatness import measure_flatness
 from flatlora_diffusion.flatness.config import FlatnessConfig, FlatnessError
 
-
 _DEFAULT = " (default: %(default)s)"
 
 
