@@ -1,14 +1,14 @@
 """The measurements, for any model whose loss is a function of its LoRA-wrapped linears.
 
 The weight space measured is the adapter's *target layers* (the LoRA-wrapped linears, in the UNet,
-text encoders or LLM alike), at their merged weights ``W' = W + s·B·A``; norms, biases, embeddings
-and layers the adapter does not wrap stay fixed.
+text encoders or LLM alike): their full m×n matrices at the merged weights ``W' = W + s·B·A``, not
+the LoRA factors; norms, biases, embeddings and layers the adapter does not wrap stay fixed.
 
 * :func:`paper_noise`: the trainer's Flat-LoRA noise, ``ε_ij ~ N(0, σ_i²)``, ``σ_i = r·‖W'_i‖/√n``:
   the core's :class:`~flatlora_diffusion.flat_lora.FlatLoraPerturber` at ``rho = r`` with a constant
-  schedule, draw ``k`` selected with ``set_step(k)``. The same seed gives every adapter and every
-  radius the same standard-normal draws (only σ differs), so curves and adapters are compared on
-  common random numbers.
+  schedule, draw ``k`` selected with ``set_step(k)``. The same seed gives every radius and every
+  adapter with the same target layers the same standard-normal draws (only σ differs), so curves
+  and adapters are compared on common random numbers.
 * :func:`direction` / :func:`shifted`: Li et al. (2018) filter-normalised random directions: per
   target layer ``d ~ N(0, 1)`` of W's shape, each row rescaled to ``‖W'_i‖``; the loss is read at
   ``W' + α·d``. A direction is seeded by (seed, direction index, layer name) only, so every adapter
