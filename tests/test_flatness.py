@@ -39,8 +39,8 @@ def other_adapter_dir(tiny_sd_path, tmp_path_factory) -> Path:
 
 
 def sd_config(base, adapters: dict, out=None, **settings) -> FlatnessConfig:
-    return FlatnessConfig(base=str(base), adapters={k: str(v) for k, v in adapters.items()},
-                          data=str(demo_subject_dir()), out=None if out is None else str(out), **(FAST | settings))
+    """Paths may be given as `Path`s (the settings are stored as text)."""
+    return FlatnessConfig(base=base, adapters=adapters, data=demo_subject_dir(), out=out, **(FAST | settings))
 
 
 def linear_lora(n: int = 512, m: int = 32, seed: int = 0) -> nn.Module:
@@ -99,9 +99,10 @@ def test_plain_loss_is_the_trainers_loss_on_the_same_triples(tiny_sd_path, sd_ad
     assert torch.equal(world.target, world.noise)
 
 
-def test_radius_zero_is_the_plain_loss_exactly_and_noise_raises_the_loss(tiny_sd_path, sd_adapter_dir):
-    report = measure_flatness(sd_config(tiny_sd_path, {"dog": sd_adapter_dir}, radii=(0, 0.5), draws=3),
-                              progress=False)
+def test_radius_zero_is_the_plain_loss_exactly_and_draws_differ(tiny_sd_path, sd_adapter_dir, tmp_path):
+    report = measure_flatness(sd_config(tiny_sd_path, {"dog": sd_adapter_dir}, out=tmp_path, radii=(0, 0.5),
+                                        draws=3), progress=False)
+    assert json.loads((tmp_path / "flatness.json").read_text()) == report  # written as returned
     result = report["adapters"]["dog"]
     assert result["expected"]["0"]["mean"] == result["loss"] and result["expected"]["0"]["sem"] == 0
     noisy = result["expected"]["0.5"]

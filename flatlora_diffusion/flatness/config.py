@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,11 @@ class FlatnessConfig:
     dtype: str = _f("float32", "Weight dtype of the base model: float32, float16 or bfloat16.")
 
     def __post_init__(self) -> None:
+        for name in ("base", "data", "out"):  # paths as text: the settings go into the JSON report
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+        if isinstance(self.adapters, dict):
+            self.adapters = {str(k): os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in self.adapters.items()}
         self.radii = tuple(sorted({float(r) for r in self.radii})) if _numbers(self.radii) else self.radii
         errors = self.check()
         if errors:
@@ -105,7 +111,8 @@ class FlatnessConfig:
         return [self.direction_scale * k / half for k in range(-half, half + 1)]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings as JSON values (radii as a list)."""
+        return asdict(self) | {"radii": list(self.radii)}
 
 
 def _numbers(values) -> bool:
