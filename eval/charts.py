@@ -1,4 +1,4 @@
-"""Pictures drawn with Pillow alone: a grouped bar chart with error bars, and a labelled image grid."""
+"""Pictures drawn with Pillow alone: a grouped bar chart and a line chart with error bars, and a labelled image grid."""
 
 from __future__ import annotations
 
@@ -141,4 +141,77 @@ def image_grid(
                       anchor="lm")
         for c, path in enumerate(paths):
             image.paste(_thumbnail(path, cell), (label_width + pad + c * (cell + pad), y))
+    return image
+
+
+def line_chart(series: dict[str, list[tuple[float, float, float]]], *, title: str = "", x_label: str = "",
+               y_label: str = "", thin: dict[str, list[list[tuple[float, float]]]] | None = None) -> Image.Image:
+    """Lines with error bars: `series` maps a name to its points (x, y, sem); a sem of 0 or NaN draws no bar.
+
+    `thin` adds, per series name, extra thin lines of (x, y) points in the same colour (e.g. single
+    random directions around their mean). Non-finite y values are left out.
+    """
+    def finite(points):
+        return [p for p in points if math.isfinite(p[1])]
+
+    lines = {name: finite(points) for name, points in series.items()}
+    extra = {name: [finite(line) for line in lines_] for name, lines_ in (thin or {}).items()}
+    xs = [p[0] for pts in lines.values() for p in pts] + [p[0] for ls in extra.values() for line in ls for p in line]
+    ys = [p[1] + s * sign for pts in lines.values() for p in pts
+          for s in ((p[2] if math.isfinite(p[2]) else 0.0),) for sign in (-1, 1)]
+    ys += [p[1] for ls in extra.values() for line in ls for p in line]
+    x_lo, x_hi = (min(xs), max(xs)) if xs else (0.0, 1.0)
+    y_lo, y_hi = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    if x_hi == x_lo:
+        x_lo, x_hi = x_lo - 0.5, x_hi + 0.5
+    pad = (y_hi - y_lo) * 0.05 or abs(y_hi) * 0.05 or 0.5
+    y_lo, y_hi = y_lo - pad, y_hi + pad
+    left, top, bottom = 80, 50, 60
+    right = 40 + max([150, *(9 * len(n) for n in series)])
+    plot_w, plot_h = 560, 340
+    image = Image.new("RGB", (left + plot_w + right, top + plot_h + bottom), _BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    small, normal = font(12), font(15)
+
+    def px(x: float) -> float:
+        return left + plot_w * (x - x_lo) / (x_hi - x_lo)
+
+    def py(y: float) -> float:
+        return top + plot_h * (y_hi - y) / (y_hi - y_lo)
+
+    for axis, lo, hi in (("y", y_lo, y_hi), ("x", x_lo, x_hi)):
+        step = _nice_step(hi - lo)
+        tick = math.ceil(lo / step) * step
+        while tick <= hi + 1e-12:
+            label = f"{tick:.4g}"
+            if axis == "y":
+                draw.line([(left, py(tick)), (left + plot_w, py(tick))], fill=_GRID)
+                draw.text((left - 8, py(tick)), label, font=small, fill=_INK, anchor="rm")
+            else:
+                draw.line([(px(tick), top + plot_h), (px(tick), top + plot_h + 5)], fill=_INK)
+                draw.text((px(tick), top + plot_h + 16), label, font=small, fill=_INK, anchor="mm")
+            tick += step
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline=_INK)
+    draw.text((left + plot_w / 2, 22), title, font=normal, fill=_INK, anchor="mm")
+    draw.text((left + plot_w / 2, top + plot_h + 42), x_label, font=small, fill=_INK, anchor="mm")
+    draw.text((10, top - 18), y_label, font=small, fill=_INK, anchor="lm")
+    colours = dict(zip(series, PALETTE * (len(series) // len(PALETTE) + 1), strict=False))
+    for name, points in lines.items():
+        colour = colours[name]
+        for line in extra.get(name, []):
+            if len(line) > 1:
+                draw.line([(px(x), py(y)) for x, y in line], fill=colour, width=1)
+        if len(points) > 1:
+            draw.line([(px(x), py(y)) for x, y, _ in points], fill=colour, width=3)
+        for x, y, sem in points:
+            draw.ellipse([px(x) - 3, py(y) - 3, px(x) + 3, py(y) + 3], fill=colour)
+            if math.isfinite(sem) and sem > 0:
+                e_top, e_bottom = py(y + sem), py(y - sem)
+                draw.line([(px(x), e_top), (px(x), e_bottom)], fill=colour, width=2)
+                draw.line([(px(x) - 4, e_top), (px(x) + 4, e_top)], fill=colour, width=2)
+                draw.line([(px(x) - 4, e_bottom), (px(x) + 4, e_bottom)], fill=colour, width=2)
+    for i, name in enumerate(series):  # legend
+        ly, lx = top + 10 + i * 22, left + plot_w + 20
+        draw.rectangle([lx, ly, lx + 14, ly + 14], fill=colours[name])
+        draw.text((lx + 22, ly + 7), name, font=small, fill=_INK, anchor="lm")
     return image

@@ -32,6 +32,8 @@ LOG_LINES = (
 WARNINGS = (
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"transformers\.modeling_utils",
      "peft (<= 0.21) reads the attribute's transformers 4 name while wrapping a model; nothing of ours uses it"),
+    (UserWarning, r"Already found a `peft_config` attribute in the model", r"peft\.tuners\.tuners_utils",
+     "a second adapter loaded on purpose into one pipeline (the flatness meter measures several on one base)"),
 )
 _LORA_KEYS_LOGGER = "diffusers.loaders.lora_base"
 
