@@ -157,12 +157,13 @@ def test_a_whole_sweep_on_the_toy_world_writes_its_report(tmp_path: Path, base_y
     code = main(["--config", str(base_yaml), "--rho", "0", "0.1", "--seeds", "0", "--subjects",
                  str(TOY_IMAGES / "redblue_ball"), "--out", str(out), "--max_prompts", "2", "--images_per_prompt", "1",
                  "--dino_model", str(tiny_dino_path), "--clip_model", str(tiny_clip_path), "--device", "cpu",
-                 "--no_flatness"])
+                 "--draws", "2", "--directions", "1", "--radii", "0,0.1"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert [r["rho"] for r in report["runs"]] == [0.0, 0.1]
     assert all(0 <= r["oracle_scene"] <= 1 and r["dino"] is not None for r in report["runs"])  # the oracle read them
     eval_settings = json.loads((out / "eval" / "results.json").read_text())["settings"]["config"]
     assert eval_settings["seed"] == 0 and eval_settings["images_per_prompt"] == 1
-    assert (out / "grid.png").is_file() and (out / "metrics.png").is_file()
+    assert all(r["sharpness@0.1"] is not None and r["flat_loss"] > 0 for r in report["runs"])  # the meter ran
+    assert (out / "grid.png").is_file() and (out / "metrics.png").is_file() and (out / "sharpness.png").is_file()
     assert "Flat-LoRA ρ = 0.1" in (out / "report.md").read_text()

@@ -2,7 +2,8 @@
 a bar chart, an image grid (same prompt and image seed across ρ) and the flatness figures.
 
 Writes ``report.json`` (every run's numbers and every summary), ``report.md``, ``metrics.png``,
-``grid.png``; the flatness meter's own charts stay in ``flatness/<subject>/``.
+``grid.png`` and ``sharpness.png``; the flatness meter's own charts (expected loss per radius and
+the 1-D direction curves of every adapter) stay in ``flatness/<subject>/``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from flatlora_diffusion.sweep.stats import Estimate, mean_sem, paired_difference
 # (key in a run's row, label); rows without a key leave its column out.
 METRICS = (("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("div", "DIV"), ("pres", "PRES"),
            ("oracle_subject", "oracle: subject"), ("oracle_scene", "oracle: scene"),
-           ("oracle_scene_and_subject", "oracle: scene and subject"))
-HIGHER_IS_BETTER = {"pres": False, "train_seconds": False}
+           ("oracle_scene_and_subject", "oracle: scene and subject"), ("flat_loss", "loss L(0)"))
+HIGHER_IS_BETTER = {"pres": False, "train_seconds": False, "flat_loss": False}
 CHART_METRICS = ("dino", "clip_i", "clip_t", "div", "oracle_subject", "oracle_scene")
 
 
@@ -87,7 +88,11 @@ def markdown(summary: dict, rows: list[dict], base_rows: list[dict], settings: d
         for rho, stats in summary["delta"].items():
             lines.append(f"| {rho:g} − 0 | " + " | ".join(f"{stats[k].text()} ({_verdict(stats[k], k)})" for k in keys)
                          + " |")
-    lines += ["", "![metrics](metrics.png)", "", "![grid](grid.png)", ""]
+    lines += ["", "![metrics](metrics.png)", ""]
+    if any(k.startswith("sharpness@") for k in keys):
+        lines += ["Sharpness E L(r) − L(0) under the Flat-LoRA noise at radius r (flatness meter, "
+                  "`flatness/<subject>/`; lower = flatter):", "", "![sharpness](sharpness.png)", ""]
+    lines += ["![grid](grid.png)", ""]
     return "\n".join(lines)
 
 
@@ -105,6 +110,20 @@ def chart(summary: dict, base_rows: list[dict]):
     return bar_chart(series, [labels[k] for k in keys], keys, title="ρ sweep: mean ± s.e. over subjects × seeds")
 
 
+def sharpness_chart(summary: dict):
+    """Mean sharpness vs radius per ρ (error bars = s.e. over runs), or None without flatness figures."""
+    from eval.charts import line_chart
+
+    radii = [k for k in summary["keys"] if k.startswith("sharpness@")]
+    if not radii:
+        return None
+    series = {("LoRA (rho = 0)" if rho == 0 else f"Flat-LoRA rho = {rho:g}"):
+              [(0.0, 0.0, 0.0)] + [(_radius(k), stats[k].mean, stats[k].sem) for k in radii]
+              for rho, stats in summary["per_rho"].items()}
+    return line_chart(series, title="Sharpness under Flat-LoRA noise (mean +/- s.e. over subjects x seeds)",
+                      x_label="radius r", y_label="E L(r) - L(0)")
+
+
 def write_report(out: Path, rows: list[dict], base_rows: list[dict], rhos: list[float], settings: dict,
                  grid_rows: list[tuple[str, list]] | None = None, grid_columns: list[str] | None = None) -> dict:
     """Write `report.json`, `report.md`, `metrics.png` (and `grid.png` when `grid_rows` are given); return the summary."""
@@ -115,6 +134,9 @@ def write_report(out: Path, rows: list[dict], base_rows: list[dict], rhos: list[
     write_text(out / "report.json", json.dumps(as_dict, indent=1) + "\n")
     write_text(out / "report.md", markdown(summary, rows, base_rows, settings))
     save_image(chart(summary, base_rows), out / "metrics.png")
+    sharpness = sharpness_chart(summary)
+    if sharpness is not None:
+        save_image(sharpness, out / "sharpness.png")
     if grid_rows:
         from eval.charts import image_grid
 

@@ -146,14 +146,16 @@ def oracle_scores(results: dict, toy: dict) -> dict[tuple[str, str], dict]:
 
 def flatness(config: SweepConfig, subjects: list[Subject]) -> dict[tuple[str, str], dict]:
     """Run the flatness meter once per subject on all of its adapters (again when the adapters or the
-    meter's settings changed); (eval run, subject) → sharpness@r."""
+    meter's settings changed); (eval run, subject) → its loss L(0) and sharpness E L(r) − L(0) per radius."""
     from flatlora_diffusion.files import write_text
 
     values = trainer_values(config, subjects)
     found = {}
     for subject in subjects:
         out = config.out / "flatness" / subject.name
-        adapters = [f"rho{k.rho:g}-seed{k.seed}={config.run_dir(k)}" for k in config.grid() if k.subject == subject.name]
+        keys = [k for k in config.grid() if k.subject == subject.name]  # ρ = 0 first: the meter's paired reference
+        names = {k.group.replace(".", "p"): k.group for k in keys}  # adapter names allow no `.`
+        adapters = [f"{k.group.replace('.', 'p')}={config.run_dir(k)}" for k in keys]
         result_file, request_file = out / "flatness.json", out / "sweep_request.json"
         request = {"adapters": adapters, "radii": config.radii, "draws": config.draws,
                    "directions": config.directions, "seed": config.eval_seed}
@@ -166,9 +168,9 @@ def flatness(config: SweepConfig, subjects: list[Subject]) -> dict[tuple[str, st
                          "--seed", str(config.eval_seed), "--device", config.device, "--out", str(out)],
                         config.out / "logs" / f"flatness_{subject.name}.log")
             write_text(request_file, json.dumps(request, indent=1) + "\n")
-        for name, per_radius in json.loads(result_file.read_text())["adapters"].items():
-            found[(name, subject.name)] = {f"sharpness@{r}": v["sharpness"] for r, v in per_radius["radii"].items()
-                                           if float(r) > 0}
+        for name, measured in json.loads(result_file.read_text())["adapters"].items():
+            found[(names[name], subject.name)] = {"flat_loss": measured["loss"]} | {
+                f"sharpness@{r}": v["sharpness"] for r, v in measured["expected"].items() if float(r) > 0}
     return found
 
 

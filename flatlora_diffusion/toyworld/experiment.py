@@ -11,13 +11,13 @@ so a killed experiment resumes. Writes ``OUT_DIR/results.json`` and ``OUT_DIR/ta
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from flatlora_diffusion.files import write_text
+from flatlora_diffusion.sweep.runner import run_command
+from flatlora_diffusion.sweep.stats import mean_sem
 from flatlora_diffusion.toyworld.quality import instance_prompt
 from flatlora_diffusion.toyworld.subjects import SUBJECTS, SUBJECTS_BY_NAME
 
@@ -31,16 +31,6 @@ VARIANTS: dict[str, list[str]] = {
 }
 METRICS = (("instance_prompt", "subject"), ("scene_prompts", "subject"), ("scene_prompts", "scene"),
            ("scene_prompts", "scene_and_subject"))
-_TRAIN = "import sys; from flatlora_diffusion.dreambooth import load_config, run; run(load_config(sys.argv[1:]))"
-
-
-def _run(command: list[str], log: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as handle:
-        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"`{' '.join(command)}` failed (exit {result.returncode}); see `{log}`.")
 
 
 def _train_flags(subject_name: str, variant: str, run_dir: Path, config: Path) -> list[str]:
@@ -62,16 +52,10 @@ def _job(out: Path, subject: str, variant: str, base: str, config: Path, images_
                 "--base", base, "--images_per_prompt", str(images_per_prompt)]
     if variant != "base":
         if not (run_dir / "adapter" / "pytorch_lora_weights.safetensors").is_file():
-            _run([sys.executable, "-c", _TRAIN, *_train_flags(subject, variant, run_dir, config)], run_dir / "train.log")
+            run_command([sys.executable, "-m", "flatlora_diffusion.dreambooth", *_train_flags(subject, variant, run_dir, config)],
+                        run_dir / "train.log")
         evaluate += ["--adapter", str(run_dir / "adapter")]
-    _run(evaluate, run_dir / "eval.log")
-
-
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    return mean, (var / n) ** 0.5
+    run_command(evaluate, run_dir / "eval.log")
 
 
 def table(out: Path, subjects: list[str], variants: list[str]) -> str:
@@ -86,10 +70,12 @@ def table(out: Path, subjects: list[str], variants: list[str]) -> str:
         results[variant] = per_subject
         cells = []
         for group, metric in METRICS:
-            mean, se = _mean_se([r[group][metric]["accuracy"] for r in per_subject])
+            estimate = mean_sem([r[group][metric]["accuracy"] for r in per_subject])
+            mean, se = estimate.mean, (0.0 if estimate.n < 2 else estimate.sem)
             cells.append(f"{mean:.2f} ± {se:.2f}")
         rows.append(f"| {variant} | {len(subjects)} | " + " | ".join(cells) + " |")
-    mean, se = _mean_se(ceiling)
+    estimate = mean_sem(ceiling)
+    mean, se = estimate.mean, (0.0 if estimate.n < 2 else estimate.sem)
     rows.append(f"| VAE round trip of renders (ceiling) | {len(subjects)} | {mean:.2f} ± {se:.2f} | | | |")
     per_subject = ["", "| subject | VAE ceiling | " + " | ".join(f"{v}: instance / scene and subject" for v in ["base", *variants]) + " |",
                    "|---|---|" + "---|" * (1 + len(variants))]
