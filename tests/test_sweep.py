@@ -23,7 +23,7 @@ BASE_YAML = """pretrained_model_name_or_path: {model}
 resolution: 32
 rank: 2
 train_batch_size: 1
-max_train_steps: 2
+max_train_steps: 6
 learning_rate: 1.0e-3
 checkpointing_steps: 1
 validation_num_inference_steps: 2
@@ -99,6 +99,8 @@ def test_a_killed_sweep_resumes_without_retraining_finished_runs(tmp_path: Path,
     assert _mtimes(first) == before
     assert all(runner.finished(config.run_dir(k)) for k in config.grid())
     assert runner.train_all(config, resolve_subjects(config.subjects)[1]) == []
+    saved = (first / "config.yaml").read_text()
+    assert "num_train_epochs: 2" in saved  # derived by the trainer (6 steps, 5 images), not a difference
 
 
 def test_a_sweep_with_other_shared_settings_is_refused_naming_the_difference(tmp_path: Path, base_yaml: Path):

@@ -257,6 +257,8 @@ def run_differences(run_dir: Path, flags: list[str]) -> list[str]:
     saved = yaml.safe_load(saved_file.read_text()) or {}
     planned = load_config(flags).to_flags()
     ignored = {"resume_from_checkpoint"}
+    if planned.get("max_train_steps") is not None:
+        ignored.add("num_train_epochs")  # the trainer writes the epochs it derived from the step count
     return [f"`{k}`: {saved[k]!r} in the run, {v!r} in this sweep" for k, v in planned.items()
             if k not in ignored and v is not None and k in saved and _normal(saved[k]) != _normal(v)]
 
