@@ -26,7 +26,7 @@ from eval.data import load_rows
 from eval.environment import environment
 from eval.errors import EvalError
 from eval.llm import greedy_generate, load_causal_lm, truncate_at
-from eval.sandbox import Execution, Limits, run_python
+from eval.sandbox import Execution, Limits, require_isolation, run_python
 from flatlora_diffusion.files import write_text
 
 FIELDS = ("task_id", "prompt", "test", "entry_point")
@@ -68,11 +68,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def check_completions(problems: list[dict], completions: list[str], limits: Limits,
-                      workers: int = 2) -> list[Execution]:
-    """Run each problem's program in its own sandboxed process, `workers` at a time."""
+                      workers: int = 2, unsafe: bool = False) -> list[Execution]:
+    """Run each problem's program in its own sandboxed process, `workers` at a time (see `run_python`)."""
+    require_isolation(unsafe)
     programs = [program(p, c) for p, c in zip(problems, completions, strict=True)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        runs = pool.map(run_python, programs, [limits] * len(programs))
+        runs = pool.map(run_python, programs, [limits] * len(programs), [unsafe] * len(programs))
         return list(tqdm(runs, total=len(programs), desc="executing", unit="task", disable=None))
 
 
@@ -83,16 +84,18 @@ def evaluate(model, tokenizer, problems: list[dict], config: HumanEvalConfig) ->
                                   chat=config.chat_template, desc="humaneval")
     completions = [clean_completion(p, g) for p, g in zip(problems, generations, strict=True)]
     limits = Limits(timeout_s=config.timeout, memory_mb=config.memory_mb)
-    runs = check_completions(problems, completions, limits, config.workers)
+    runs = check_completions(problems, completions, limits, config.workers, config.unsafe_sandbox)
     records = [{"task_id": p["task_id"], "completion": c, **r.to_dict()}
                for p, c, r in zip(problems, completions, runs, strict=True)]
     passed = sum(r.passed for r in runs)
     return {"pass@1": passed / len(problems), "passed": passed, "n": len(problems),
-            "timeouts": sum(r.status == "timeout" for r in runs), "records": records}
+            "timeouts": sum(r.status == "timeout" for r in runs), "sandbox": require_isolation(config.unsafe_sandbox),
+            "records": records}
 
 
 def main(config: HumanEvalConfig) -> int:
     """CLI: generate, execute, print pass@1, write the JSON and the per-task JSONL."""
+    require_isolation(config.unsafe_sandbox)  # before the model is loaded
     problems = load_problems(config.data, config.split, config.limit)
     if not problems:
         raise EvalError(f"`--data` `{config.data}` has no problems.")
