@@ -217,9 +217,9 @@ def run_sweep(config: SweepConfig) -> dict:
     trainer_values(config, subjects)
     check_settings(config)
     start = time.perf_counter()
-    with tqdm(total=len(config.grid()), desc="sweep: training runs", unit="run") as progress:
-        progress.update(sum(finished(config.run_dir(k)) for k in config.grid()))
-        train_all(config, subjects, progress)
+    done = sum(finished(config.run_dir(k)) for k in config.grid())
+    with tqdm(total=len(config.grid()), initial=done, desc="sweep: training runs", unit="run") as progress:
+        train_all(config, subjects, progress)  # the ETA counts only runs trained now
     results = evaluate(config, root, subjects)
     extra: dict[tuple[str, str], dict] = {}
     toy = toy_subjects(subjects) if config.oracle == "auto" else None
