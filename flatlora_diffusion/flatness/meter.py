@@ -30,6 +30,13 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from flatlora_diffusion.flat_lora import FlatLoraConfig, FlatLoraPerturber, mix_seed
+from flatlora_diffusion.stats import mean_sem
+
+
+def _mean_sem(values: list[float]) -> tuple[float, float]:
+    """The mean and its standard error (0 for a single value: L(0) is exact)."""
+    estimate = mean_sem(values)
+    return estimate.mean, (0.0 if estimate.n < 2 else estimate.sem)
 
 
 def target_layers(models: Mapping[str, nn.Module], adapter: str) -> dict[str, LoraLayer]:
@@ -108,15 +115,6 @@ def _shifted_forward(base: nn.Linear, d: torch.Tensor, alpha: float) -> Callable
     return forward
 
 
-def mean_sem(values: list[float]) -> tuple[float, float]:
-    """The mean and its standard error (sample std / √K; 0 for a single value)."""
-    k = len(values)
-    mean = math.fsum(values) / k
-    if k < 2:
-        return mean, 0.0
-    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (k - 1) / k)
-
-
 def paired_sharpness(result: dict, reference: dict) -> dict[str, dict]:
     """Per radius: the mean and standard error of the per-draw difference of sharpness against ``reference``.
 
@@ -128,7 +126,7 @@ def paired_sharpness(result: dict, reference: dict) -> dict[str, dict]:
     for key, entry in result["expected"].items():
         ours = [v - result["loss"] for v in entry["draws"]]
         theirs = [v - reference["loss"] for v in reference["expected"][key]["draws"]]
-        mean, sem = mean_sem([a - b for a, b in zip(ours, theirs, strict=True)])
+        mean, sem = _mean_sem([a - b for a, b in zip(ours, theirs, strict=True)])
         out[key] = {"radius": entry["radius"], "delta_sharpness": mean, "sem": sem}
     return out
 
@@ -147,7 +145,7 @@ def expected_losses(loss: Callable[[], float], layers: Mapping[str, LoraLayer], 
                     perturber.set_step(k)
                     values.append(loss())
                     tick()
-        mean, sem = mean_sem(values)
+        mean, sem = _mean_sem(values)
         out[f"{radius:g}"] = {"radius": radius, "mean": mean, "sem": sem, "sharpness": mean - clean,
                               "draws": values}
     return out

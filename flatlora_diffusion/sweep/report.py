@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from flatlora_diffusion.files import save_image, write_text
-from flatlora_diffusion.sweep.stats import Estimate, mean_sem, paired_difference
+from flatlora_diffusion.stats import Estimate, mean_sem, paired_difference
 
 # (key in a run's row, label); rows without a key leave its column out.
 METRICS = (("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("div", "DIV"), ("pres", "PRES"),

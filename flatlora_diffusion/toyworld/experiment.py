@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from flatlora_diffusion.files import write_text
+from flatlora_diffusion.stats import mean_sem
 from flatlora_diffusion.sweep.runner import run_command
-from flatlora_diffusion.sweep.stats import mean_sem
 from flatlora_diffusion.toyworld.quality import instance_prompt
 from flatlora_diffusion.toyworld.subjects import SUBJECTS, SUBJECTS_BY_NAME
 

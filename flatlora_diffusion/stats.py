@@ -1,4 +1,4 @@
-"""Means with standard errors, and paired differences: the two statistics of a sweep's report."""
+"""Means with standard errors, and paired differences: the statistics of the sweep, the flatness meter and the toy-world tables."""
 
 from __future__ import annotations
 
