@@ -19,11 +19,14 @@ class Estimate:
         return {"mean": self.mean, "sem": None if math.isnan(self.sem) else self.sem, "n": self.n}
 
     def text(self, digits: int = 3) -> str:
+        """`mean ± sem` with `digits` decimals, or in scientific notation when the value is below 0.01."""
         if self.n == 0:
             return "–"
+        small = 0 < max(abs(self.mean), 0 if math.isnan(self.sem) else self.sem) < 0.01
+        spec = f".{digits - 1}e" if small else f".{digits}f"
         if math.isnan(self.sem):
-            return f"{self.mean:.{digits}f}"
-        return f"{self.mean:.{digits}f} ± {self.sem:.{digits}f}"
+            return f"{self.mean:{spec}}"
+        return f"{self.mean:{spec}} ± {self.sem:{spec}}"
 
 
 def mean_sem(values: Sequence[float]) -> Estimate:

@@ -70,7 +70,8 @@ def markdown(summary: dict, rows: list[dict], base_rows: list[dict], settings: d
              f"{len(rows)} runs: ρ ∈ {{{', '.join(f'{r:g}' for r in summary['per_rho'])}}} × {n_seeds} seeds × "
              f"{n_subjects} subjects. Base config `{settings['config']}`"
              + (f", extra trainer flags `{' '.join(settings['train_args'])}`" if settings["train_args"] else "") + ".",
-             "Each cell: mean ± standard error over the (subject, seed) runs of that ρ (n in the last column).", "",
+             "Each cell: mean ± standard error over the (subject, seed) runs of that ρ (n in the last column). "
+             "Train time: wall seconds of each training process, with whatever else the machine was running.", "",
              "| run | " + " | ".join(labels[k] for k in keys) + " | n |",
              "|---|" + "---|" * (len(keys) + 1)]
     if base_rows:
