@@ -107,8 +107,9 @@ def chart(summary: dict, base_rows: list[dict]):
     if base_rows:
         series["base model"] = {k: mean_sem([r.get(k) for r in base_rows]) for k in keys}
     for rho, stats in summary["per_rho"].items():
-        series["LoRA (ρ = 0)" if rho == 0 else f"Flat-LoRA ρ = {rho:g}"] = {k: stats[k] for k in keys}
-    return bar_chart(series, [labels[k] for k in keys], keys, title="ρ sweep: mean ± s.e. over subjects × seeds")
+        series["LoRA (rho = 0)" if rho == 0 else f"Flat-LoRA rho = {rho:g}"] = {k: stats[k] for k in keys}
+    # Pillow's bundled font has no Greek letters: the charts spell rho out.
+    return bar_chart(series, [labels[k] for k in keys], keys, title="rho sweep: mean +/- s.e. over subjects x seeds")
 
 
 def sharpness_chart(summary: dict):
@@ -141,6 +142,6 @@ def write_report(out: Path, rows: list[dict], base_rows: list[dict], rhos: list[
     if grid_rows:
         from eval.charts import image_grid
 
-        save_image(image_grid(grid_rows, grid_columns, cell=96, title="same prompt and image seed across ρ (training seed 0)"),
+        save_image(image_grid(grid_rows, grid_columns, cell=96, title="same prompt and image seed across rho (training seed 0)"),
                    out / "grid.png")
     return summary

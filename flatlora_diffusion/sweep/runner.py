@@ -195,7 +195,7 @@ def image_grid_rows(config: SweepConfig, results: dict, prompt_index: int = 0) -
     files = {(r["run"], r["subject"]): [i["file"] for i in r.get("images") or []] for r in results["subjects"]}
     seed = config.seeds[0]
     runs = ["base"] + [RunKey(rho, seed, "").group for rho in config.rhos]
-    columns = ["base model"] + [f"ρ = {rho:g}" for rho in config.rhos]
+    columns = ["base model"] + [f"rho = {rho:g}" for rho in config.rhos]  # the charts' font has no Greek
     index = prompt_index * config.images_per_prompt
     rows = []
     for subject in [s.name for s in config.subjects]:
