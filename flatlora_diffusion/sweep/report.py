@@ -142,6 +142,6 @@ def write_report(out: Path, rows: list[dict], base_rows: list[dict], rhos: list[
     if grid_rows:
         from eval.charts import image_grid
 
-        save_image(image_grid(grid_rows, grid_columns, cell=96, title="same prompt and image seed across rho (training seed 0)"),
+        save_image(image_grid(grid_rows, grid_columns, cell=96, title="same prompt and image seed across rho (the first training seed)"),
                    out / "grid.png")
     return summary

@@ -191,7 +191,7 @@ def collect(config: SweepConfig, results: dict, extra: dict[tuple[str, str], dic
 
 
 def image_grid_rows(config: SweepConfig, results: dict, prompt_index: int = 0) -> tuple[list, list[str]]:
-    """Rows = subjects, columns = base + each ρ: image 0 of prompt `prompt_index`, training seed 0's runs."""
+    """Rows = subjects, columns = base + each ρ: image 0 of prompt `prompt_index`, the first training seed's runs."""
     files = {(r["run"], r["subject"]): [i["file"] for i in r.get("images") or []] for r in results["subjects"]}
     seed = config.seeds[0]
     runs = ["base"] + [RunKey(rho, seed, "").group for rho in config.rhos]
