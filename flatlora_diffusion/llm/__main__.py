@@ -7,6 +7,7 @@
     python -m flatlora_diffusion.llm synthetic --out data/arith [--train 2000] [--test 200] [--seed 0]
     python -m flatlora_diffusion.llm pretrain OUT_DIR [--minutes 40] [--seed 0] [--device cpu|cuda]
     python -m flatlora_diffusion.llm ship OUT_DIR        # a pretrained OUT_DIR becomes `toy:llama`
+    python -m flatlora_diffusion.llm compare --seeds 0 1 2 --out DIR [--max_steps N] [--test 200]
 
 Multi-GPU: `accelerate launch --num_processes N -m flatlora_diffusion.llm train ...` or
 `torchrun --nproc_per_node N -m flatlora_diffusion.llm train ...`.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from flatlora_diffusion.llm.config import LLMError
 
@@ -43,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="offline LoRA vs Flat-LoRA on a tiny Llama, scored on GSM8K-style data")
     demo.add_argument("--out", required=True, help="folder for the model, data, runs and results.json")
-    demo.add_argument("--max_steps", type=int, help="optimiser steps per run (default: the demo config's 120)")
+    demo.add_argument("--max_steps", type=int, help="optimiser steps per run (default: the demo config's 150)")
     demo.add_argument("--train", type=int, default=2000, help="synthetic training problems (default: 2000)")
     demo.add_argument("--test", type=int, default=100, help="synthetic test problems scored (default: 100)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data and of both runs (default: 0)")
@@ -72,6 +74,14 @@ def _parser() -> argparse.ArgumentParser:
     mode = pre.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR with its own settings")
     mode.add_argument("--overwrite", action="store_true", help="delete OUT_DIR's contents and start again")
+
+    comp = commands.add_parser("compare", help="LoRA vs Flat-LoRA on toy:llama over seeds, in- and out-of-domain")
+    comp.add_argument("--out", required=True, help="folder for data, runs and the report (resumable)")
+    comp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
+    comp.add_argument("--max_steps", type=int, help="optimiser steps per run (default: the demo config's 150)")
+    comp.add_argument("--train", type=int, default=2000, help="synthetic training problems (default: 2000)")
+    comp.add_argument("--test", type=int, default=200, help="problems per test set (default: 200)")
+    comp.add_argument("--model", default="toy:llama", help="base model (default: toy:llama)")
 
     ship = commands.add_parser("ship", help="verify a pretrained OUT_DIR and copy it into the package (toy:llama)")
     ship.add_argument("out_dir", help="a finished `pretrain` folder")
@@ -113,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
             from flatlora_diffusion.llm.train import merge_adapter
 
             print(f"wrote {merge_adapter(args.model, args.adapter, args.out, args.dtype)}")
+        elif args.command == "compare":
+            from flatlora_diffusion.llm.compare import compare
+
+            results = compare(args.out, args.seeds, max_steps=args.max_steps, n_train=args.train, n_test=args.test,
+                              model=args.model)
+            print((Path(args.out) / "results.md").read_text())
+            print(f"wrote {args.out}/results.json, results.md, comparison.png ({results['cpu_seconds']} CPU s)")
         elif args.command == "pretrain":
             _pretrain(args)
         elif args.command == "ship":
