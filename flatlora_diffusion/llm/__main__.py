@@ -93,6 +93,8 @@ def _pretrain(args) -> None:
 
     from flatlora_diffusion.llm.pretrain import PretrainError, PretrainSettings, pretrain
 
+    if not args.minutes > 0:
+        raise PretrainError(f"`--minutes` must be positive, got {args.minutes}.")
     if args.threads < 1:
         raise PretrainError(f"`--threads` must be 1 or more, got {args.threads}.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

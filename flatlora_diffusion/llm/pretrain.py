@@ -131,13 +131,14 @@ def train(model, tokenizer, settings: PretrainSettings, state_file: Path, device
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=settings.learning_rate, betas=(0.9, 0.95))
-    start, history, seconds = 0, [], 0.0
+    start, history, running, seconds = 0, [], [], 0.0  # running: the losses since the last history entry
     if state_file.is_file():
         state = torch.load(state_file, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, history, seconds = state["step"], state["history"], state["seconds"]
-    total, running = settings.steps, []
+        running = state.get("running", [])
+    total = settings.steps
     last_save = began = time.monotonic()
     bar = tqdm(total=total, initial=start, desc="pretrain toy:llama", unit="step", dynamic_ncols=True)
     for step in range(start, total):
@@ -162,8 +163,8 @@ def train(model, tokenizer, settings: PretrainSettings, state_file: Path, device
         if step + 1 == total or time.monotonic() - last_save > CHECKPOINT_SECONDS:
             elapsed = seconds + time.monotonic() - began
             with atomic_open(state_file, "wb") as handle:
-                torch.save({"step": step + 1, "history": history, "seconds": elapsed, "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict()}, handle)
+                torch.save({"step": step + 1, "history": history, "running": running, "seconds": elapsed,
+                            "model": model.state_dict(), "optimizer": optimizer.state_dict()}, handle)
             last_save = time.monotonic()
     bar.close()
     state = torch.load(state_file, map_location="cpu", weights_only=False)
