@@ -66,6 +66,14 @@ def test_a_killed_pretraining_resumes_exactly(small_runs, tmp_path, monkeypatch)
     manifests = [json.loads((tmp_path / name / "MANIFEST.json").read_text()) for name in ("whole", "killed")]
     assert manifests[0]["sha256"] == manifests[1]["sha256"] and manifests[0]["history"] == manifests[1]["history"]
     assert manifests[0]["steps"] == 6 and "--minutes" in manifests[0]["command"]
+    # `until` exports mid-schedule; the same command without it continues to the uninterrupted weights.
+    pretrain(tmp_path / "cut", small_runs, until=3)
+    cut = json.loads((tmp_path / "cut/MANIFEST.json").read_text())
+    assert cut["steps"] == 3 and cut["schedule_steps"] == 6 and cut["command"].endswith("--until 3")
+    with pytest.raises(PretrainError, match="already at step 3; pass `--until` 3 or more"):
+        pretrain(tmp_path / "cut", small_runs, until=2)
+    pretrain(tmp_path / "cut", small_runs)
+    assert json.loads((tmp_path / "cut/MANIFEST.json").read_text())["sha256"] == manifests[0]["sha256"]
 
 
 def test_other_settings_and_bad_flags_are_refused(small_runs, tmp_path, capsys):
@@ -82,7 +90,8 @@ def test_other_settings_and_bad_flags_are_refused(small_runs, tmp_path, capsys):
         pretrain(tmp_path / "long", PretrainSettings(length=1000))
     for flags, message in ((["--minutes", "0"], "`--minutes` must be positive"),
                            (["--threads", "0"], "`--threads` must be 1 or more"),
-                           (["--device", "tpu"], "`--device` must be cpu or cuda")):
+                           (["--device", "tpu"], "`--device` must be cpu or cuda"),
+                           (["--until", "99999"], "`--until` must be a step from 1 to 3000")):
         assert cli(["pretrain", str(tmp_path / "x"), *flags]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before any work

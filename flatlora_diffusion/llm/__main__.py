@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data (default: 0)")
     pre.add_argument("--device", default="cpu", help="cpu or cuda (the step count stays the same)")
     pre.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    pre.add_argument("--until", type=int, help="stop at this step of the schedule and export the weights there "
+                                               "(the same command without it continues the run)")
     mode = pre.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR with its own settings")
     mode.add_argument("--overwrite", action="store_true", help="delete OUT_DIR's contents and start again")
@@ -104,7 +106,7 @@ def _pretrain(args) -> None:
     torch.set_num_threads(args.threads)
     settings = PretrainSettings(minutes=args.minutes, seed=args.seed)
     pretrain(args.out_dir, settings, device=args.device, resume=args.resume, overwrite=args.overwrite,
-             threads=args.threads)
+             threads=args.threads, until=args.until)
 
 
 def main(argv: list[str] | None = None) -> int:

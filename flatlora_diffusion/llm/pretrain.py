@@ -124,8 +124,12 @@ def _check_folder(out: Path, settings: PretrainSettings, resume: bool, overwrite
     return settings
 
 
-def train(model, tokenizer, settings: PretrainSettings, state_file: Path, device: torch.device) -> dict:
-    """Train `model` to `settings.steps`, resuming from `state_file`; return the loss history and time."""
+def train(model, tokenizer, settings: PretrainSettings, state_file: Path, device: torch.device,
+          until: int | None = None) -> dict:
+    """Train `model` to step `until` (default: `settings.steps`) of the schedule, resuming from `state_file`.
+
+    Returns the loss history and the training time.
+    """
     model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -139,9 +143,13 @@ def train(model, tokenizer, settings: PretrainSettings, state_file: Path, device
         start, history, seconds = state["step"], state["history"], state["seconds"]
         running = state.get("running", [])
     total = settings.steps
+    stop = total if until is None else until
+    if start > stop:
+        raise PretrainError(f"`--until` {stop}: the run in `{state_file.parent.parent}` is already at step {start}; "
+                            f"pass `--until` {start} or more (at most {total}).")
     last_save = began = time.monotonic()
     bar = tqdm(total=total, initial=start, desc="pretrain toy:llama", unit="step", dynamic_ncols=True)
-    for step in range(start, total):
+    for step in range(start, stop):
         for group in optimizer.param_groups:
             group["lr"] = settings.learning_rate * _lr_factor(step, total)
         ids = batch(tokenizer, settings, step).to(device)
@@ -160,7 +168,7 @@ def train(model, tokenizer, settings: PretrainSettings, state_file: Path, device
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
             running = []
         bar.update(1)
-        if step + 1 == total or time.monotonic() - last_save > CHECKPOINT_SECONDS:
+        if step + 1 == stop or time.monotonic() - last_save > CHECKPOINT_SECONDS:
             elapsed = seconds + time.monotonic() - began
             with atomic_open(state_file, "wb") as handle:
                 torch.save({"step": step + 1, "history": history, "running": running, "seconds": elapsed,
@@ -194,29 +202,37 @@ def checksums(root: Path, folder: str = "llama") -> dict[str, str]:
 
 
 def pretrain(out_dir: str | Path, settings: PretrainSettings = PretrainSettings(), *, device: str = "cpu",
-             resume: bool = False, overwrite: bool = False, threads: int = 1) -> Path:
-    """Run (or resume) the pretraining into `out_dir`; write `llama/` and `MANIFEST.json`."""
+             resume: bool = False, overwrite: bool = False, threads: int = 1, until: int | None = None) -> Path:
+    """Run (or resume) the pretraining into `out_dir`; write `llama/` and `MANIFEST.json`.
+
+    `until` stops at that step of the schedule (the weights there, mid-schedule, are exported); the same
+    command without it (or with a later `until`) continues the run.
+    """
     import transformers
 
     from flatlora_diffusion.tiny import _llama_tokenizer
 
     settings.check()
+    if until is not None and not 1 <= until <= settings.steps:
+        raise PretrainError(f"`--until` must be a step from 1 to {settings.steps} (the run's length), got {until}.")
     out = Path(out_dir)
     settings = _check_folder(out, settings, resume, overwrite)
     command = " ".join(["python -m flatlora_diffusion.llm pretrain", str(out_dir), f"--minutes {settings.minutes:g}",
-                        f"--seed {settings.seed}", *([f"--threads {threads}"] if threads != 1 else [])])
+                        f"--seed {settings.seed}", *([f"--threads {threads}"] if threads != 1 else []),
+                        *([f"--until {until}"] if until is not None else [])])
     write_text(out / "state" / "run.json", json.dumps({"settings": asdict(settings), "command": command}, indent=2) + "\n")
     tokenizer = _llama_tokenizer()
     model = build_model(tokenizer, settings.seed)
     print(f"[pretrain] toy:llama, {sum(p.numel() for p in model.parameters()):,} parameters, {settings.steps} steps",
           file=sys.stderr, flush=True)
-    result = train(model, tokenizer, settings, out / "state" / "pretrain.pt", torch.device(device))
+    result = train(model, tokenizer, settings, out / "state" / "pretrain.pt", torch.device(device), until)
     model = model.cpu().eval()
     accuracy = equation_accuracy(model, tokenizer)
     with atomic_dir(out / "llama") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    manifest = {"command": command, "settings": asdict(settings), "steps": settings.steps,
+    manifest = {"command": command, "settings": asdict(settings), "steps": until or settings.steps,
+                "schedule_steps": settings.steps,
                 "architecture": ARCHITECTURE, "parameters": sum(p.numel() for p in model.parameters()),
                 "seconds": result["seconds"], "threads": threads, "device": device,
                 "final_loss": result["history"][-1]["loss"], "equation_accuracy": accuracy,
