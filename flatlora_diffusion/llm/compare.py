@@ -130,7 +130,8 @@ def compare(out_dir: str | Path, seeds: list[int], *, max_steps: int | None = No
     out = Path(out_dir)
     weights = Path(local_model(model, "--model")) / "model.safetensors"
     settings = {"model": model, "model_sha256": sha256_file(weights) if weights.is_file() else None,
-                "config": str(config_file), "max_steps": max_steps, "n_train": n_train, "n_test": n_test, "rho": RUNS}
+                "config": str(config_file), "config_sha256": sha256_file(config_file), "max_steps": max_steps,
+                "n_train": n_train, "n_test": n_test, "rho": RUNS}
     _check_settings(out, settings)
     data = write_data(out / "data", n_train, n_test)
     scores = []

@@ -163,7 +163,7 @@ def train(model, tokenizer, settings: PretrainSettings, state_file: Path, device
             raise PretrainError(f"The loss became {float(loss)} at step {step}; the last checkpoint is intact. "
                                 "Lower `learning_rate` and start again with `--overwrite`.")
         running.append(float(loss))
-        if (step + 1) % 50 == 0 or step + 1 == total:
+        if (step + 1) % 50 == 0 or step + 1 in (stop, total):
             history.append({"step": step + 1, "loss": round(sum(running) / len(running), 5)})
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
             running = []
