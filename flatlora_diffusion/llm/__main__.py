@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="offline LoRA vs Flat-LoRA on a tiny Llama, scored on GSM8K-style data")
     demo.add_argument("--out", required=True, help="folder for the model, data, runs and results.json")
-    demo.add_argument("--max_steps", type=int, help="optimiser steps per run (default: the demo config's 60)")
+    demo.add_argument("--max_steps", type=int, help="optimiser steps per run (default: the demo config's 200)")
     demo.add_argument("--train", type=int, default=2000, help="synthetic training problems (default: 2000)")
     demo.add_argument("--test", type=int, default=100, help="synthetic test problems scored (default: 100)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data and of both runs (default: 0)")
@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     comp = commands.add_parser("compare", help="LoRA vs Flat-LoRA on toy:llama over seeds, in- and out-of-domain")
     comp.add_argument("--out", required=True, help="folder for data, runs and the report (resumable)")
     comp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
-    comp.add_argument("--max_steps", type=int, help="optimiser steps per run (default: the demo config's 60)")
+    comp.add_argument("--max_steps", type=int, help="optimiser steps per run (default: the demo config's 200)")
     comp.add_argument("--train", type=int, default=2000, help="synthetic training problems (default: 2000)")
     comp.add_argument("--test", type=int, default=200, help="problems per test set (default: 200)")
     comp.add_argument("--model", default="toy:llama", help="base model (default: toy:llama)")
