@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,8 @@ import flatlora_diffusion.llm.compare as compare_module
 from flatlora_diffusion.llm.compare import TEST_SETS, compare, summarise, write_data
 from flatlora_diffusion.llm.config import LLMError
 from flatlora_diffusion.llm.synthetic import ITEMS, NAMES
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_test_sets_are_disjoint_from_training_and_out_of_domain(tmp_path):
@@ -50,8 +53,10 @@ def test_summary_matches_an_independent_computation():
 
 
 def test_compare_writes_the_report_resumes_and_refuses_other_settings(tmp_path, monkeypatch):
+    config = tmp_path / "demo.yaml"  # the demo config with 8 held-out problems instead of 64: faster
+    config.write_text((CONFIGS / "llm_demo.yaml").read_text().replace("num_eval: 64", "num_eval: 8"))
     out = tmp_path / "cmp"
-    results = compare(out, [0], max_steps=2, n_train=80, n_test=3)
+    results = compare(out, [0], max_steps=2, n_train=80, n_test=3, config_file=config)
     for name in ("results.json", "results.md", "comparison.png", "runs/lora-seed0/scores.json",
                  "runs/flat_lora-seed0/scores.json"):
         assert (out / name).is_file()
@@ -62,9 +67,9 @@ def test_compare_writes_the_report_resumes_and_refuses_other_settings(tmp_path, 
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(compare_module, "train_run", no_training)
-    again = compare(out, [0], max_steps=2, n_train=80, n_test=3)  # resumed: every run is finished
+    again = compare(out, [0], max_steps=2, n_train=80, n_test=3, config_file=config)  # every run is finished
     assert again["methods"] == results["methods"] and again["delta"] == results["delta"]
     with pytest.raises(LLMError, match="other settings \\(`max_steps` 2 there, 3 now\\)"):
-        compare(out, [0], max_steps=3, n_train=80, n_test=3)
+        compare(out, [0], max_steps=3, n_train=80, n_test=3, config_file=config)
     with pytest.raises(LLMError, match="`--seeds` must be distinct"):
         compare(tmp_path / "x", [1, 1])
