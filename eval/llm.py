@@ -17,8 +17,14 @@ def load_causal_lm(config: LLMConfig):
     """(model, tokenizer) in eval mode; the tokenizer pads on the left, as batched generation needs."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from flatlora_diffusion.model_ids import ModelIdError, resolve_model_id
+
     try:
-        model_config = AutoConfig.from_pretrained(config.model)
+        model_path = resolve_model_id(config.model, "--model")  # `toy:llama` -> its shipped folder
+    except ModelIdError as err:
+        raise EvalError(str(err)) from err
+    try:
+        model_config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError) as err:
         raise EvalError(
             f"Could not load `--model` `{config.model}`: {str(err).strip().splitlines()[0]}\n"
@@ -26,7 +32,7 @@ def load_causal_lm(config: LLMConfig):
             "`HF_HUB_OFFLINE=1`."
         ) from err
     try:
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=DTYPES[config.dtype])
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[config.dtype])
     except ValueError as err:
         raise EvalError(
             f"`--model` `{config.model}` is a `{model_config.model_type}` model, not a causal language model; "
@@ -42,7 +48,7 @@ def load_causal_lm(config: LLMConfig):
     model.to(resolve_device(config.device)).eval().requires_grad_(False)
     # A tokenizer saved with the adapter wins: it carries the chat template the adapter was trained with.
     has_own = config.adapter is not None and (Path(config.adapter) / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(config.adapter if has_own else config.model)
+    tokenizer = AutoTokenizer.from_pretrained(config.adapter if has_own else model_path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -5,9 +5,12 @@
   of code paths.
 * ``toy:sd``, ``toy:clip``, ``toy:vit``, ``toy:oracle``: the pretrained toy world shipped in the package
   (`flatlora_diffusion.toyworld.registry`); for anything that must show learning.
+* ``toy:llama``: the toy Llama pretrained on synthetic arithmetic (`flatlora_diffusion.llm.pretrain`),
+  shipped in the package; the base of the LLM demo and comparison.
 
 Every other id (a folder, a hub id) is returned unchanged. The trainer, sampling (and so validation,
-eval and the app), eval's `--dino_model`/`--clip_model` and the bench all resolve ids here.
+eval and the app), eval's `--dino_model`/`--clip_model` and `--model` of the LLM evals, the LLM
+recipe's `model.name_or_path` and the bench all resolve ids here.
 """
 
 from __future__ import annotations

@@ -427,8 +427,9 @@ def test_scoring_does_not_depend_on_the_batch(demo_run):
     """Greedy generations are the same whatever the prompts batched with them (left padding, other lengths)."""
     from flatlora_diffusion.llm.demo import score_gsm8k
 
-    out = demo_run["out"]
-    scored = [score_gsm8k(out / "tiny-llama", out / "runs" / "flat_lora" / "adapter", out / "data" / "test.jsonl",
+    out, model = demo_run["out"], demo_run["results"]["model"]
+    scored = [score_gsm8k(model, out / "runs" / "flat_lora" / "adapter", out / "data" / "test.jsonl",
                           device="cpu", dtype="float32", batch_size=size, max_new_tokens=8)["records"]
               for size in (1, 3)]
     assert [r["generation"] for r in scored[0]] == [r["generation"] for r in scored[1]]
+

@@ -43,10 +43,21 @@ class RecipeError(LLMError):
 # Building blocks (also used by `merge` and the tests)
 
 
+def local_model(name_or_path: str, flag: str = "model.name_or_path") -> str:
+    """The folder of a `toy:`/`tiny:` id (`flatlora_diffusion.model_ids`); other ids unchanged."""
+    from flatlora_diffusion.model_ids import ModelIdError, resolve_model_id
+
+    try:
+        return resolve_model_id(name_or_path, flag)
+    except ModelIdError as err:
+        raise RecipeError(str(err)) from err
+
+
 def load_base_model(name_or_path: str, dtype: str = "float32", **kwargs):
     """`AutoModelForCausalLM.from_pretrained` with errors that name `model.name_or_path` and the fix."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    name_or_path = local_model(name_or_path)
     try:
         AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k != "attn_implementation"})
     except (OSError, ValueError) as err:
@@ -159,7 +170,8 @@ def merge_adapter(model_name: str, adapter_dir: str | Path, out_dir: str | Path,
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out_dir)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
-    AutoTokenizer.from_pretrained(adapter_dir if has_tokenizer else model_name, **load_kwargs).save_pretrained(out_dir)
+    source = adapter_dir if has_tokenizer else local_model(model_name, "--model")
+    AutoTokenizer.from_pretrained(source, **load_kwargs).save_pretrained(out_dir)
     return out_dir
 
 
@@ -235,7 +247,7 @@ class LLMRecipe:
         from transformers import AutoTokenizer
 
         m = self.config.model
-        tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, revision=m.revision,
+        tokenizer = AutoTokenizer.from_pretrained(local_model(m.name_or_path), revision=m.revision,
                                                   trust_remote_code=m.trust_remote_code)
         if not tokenizer.is_fast:
             raise RecipeError(f"The tokenizer of `{m.name_or_path}` is not a fast tokenizer; the label masking "

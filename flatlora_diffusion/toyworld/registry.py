@@ -4,10 +4,13 @@
     toy:clip    CLIPModel + CLIPProcessor (for CLIP-I / CLIP-T)     CLIPModel.from_pretrained
     toy:vit     ViTModel + ViTImageProcessor (the DINO stand-in)    AutoModel.from_pretrained
     toy:oracle  the judge (toyworld.oracle.load_oracle)
+    toy:llama   LlamaForCausalLM + byte tokenizer (arithmetic)    AutoModelForCausalLM.from_pretrained
 
 The folder is ``flatlora_diffusion/toyworld/weights/`` (``$FLATLORA_TOY_DIR`` points elsewhere, e.g.
-at a freshly pretrained world). Its ``MANIFEST.json`` records the command that built it and the
-sha256 of every file; a missing or altered file is an error that names it and the rebuild command.
+at a freshly pretrained world); ``toy:llama`` has its own, ``flatlora_diffusion/llm/weights/``
+(``$FLATLORA_TOY_LLM_DIR``), made by `flatlora_diffusion.llm.pretrain`. Each ``MANIFEST.json`` records
+the command that built it and the sha256 of every file; a missing or altered file is an error that
+names it and the rebuild command.
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ from pathlib import Path
 from flatlora_diffusion.files import atomic_dir, sha256_file
 
 TOY_MODELS = {"toy:sd": "sd", "toy:clip": "clip", "toy:vit": "vit", "toy:oracle": "oracle"}
+TOY_LLM_MODELS = {"toy:llama": "llama"}
 SHIPPED_DIR = Path(__file__).with_name("weights")
+LLM_SHIPPED_DIR = Path(__file__).resolve().parents[1] / "llm" / "weights"
 REBUILD = ("python -m flatlora_diffusion.toyworld pretrain OUT_DIR --minutes 90 (then point FLATLORA_TOY_DIR "
            "at OUT_DIR, or copy its sd/ clip/ vit/ oracle/ and MANIFEST.json into {dir})")
+LLM_REBUILD = ("python -m flatlora_diffusion.llm pretrain OUT_DIR --minutes 40, then `python -m "
+               "flatlora_diffusion.llm ship OUT_DIR` (writes {dir}) or point FLATLORA_TOY_LLM_DIR at OUT_DIR")
 
 
 class ToyModelError(ValueError):
@@ -34,9 +41,14 @@ def toy_dir() -> Path:
     return Path(os.environ.get("FLATLORA_TOY_DIR") or SHIPPED_DIR)
 
 
+def toy_llm_dir() -> Path:
+    """The folder holding `toy:llama`: ``$FLATLORA_TOY_LLM_DIR`` or the shipped one."""
+    return Path(os.environ.get("FLATLORA_TOY_LLM_DIR") or LLM_SHIPPED_DIR)
+
+
 @cache
-def _verified(root: Path, folder: str, stamp: tuple) -> Path:
-    rebuild = REBUILD.format(dir=root)
+def _verified(root: Path, folder: str, stamp: tuple, rebuild: str = REBUILD) -> Path:
+    rebuild = rebuild.format(dir=root)
     manifest_path = root / "MANIFEST.json"
     if not manifest_path.is_file():
         raise ToyModelError(f"The toy models are missing: `{manifest_path}` does not exist. Rebuild them with: {rebuild}")
@@ -60,16 +72,19 @@ def _verified(root: Path, folder: str, stamp: tuple) -> Path:
 
 def resolve_toy(name: str) -> str:
     """The local folder of `toy:NAME`, after checking every file of it against ``MANIFEST.json``."""
-    if name not in TOY_MODELS:
-        raise ToyModelError(f"Unknown toy model {name!r}; the toy models are {', '.join(TOY_MODELS)}.")
-    root = toy_dir().resolve()
-    folder = TOY_MODELS[name]
+    if name in TOY_LLM_MODELS:
+        root, folder, rebuild = toy_llm_dir().resolve(), TOY_LLM_MODELS[name], LLM_REBUILD
+    elif name in TOY_MODELS:
+        root, folder, rebuild = toy_dir().resolve(), TOY_MODELS[name], REBUILD
+    else:
+        raise ToyModelError(f"Unknown toy model {name!r}; the toy models are "
+                            f"{', '.join([*TOY_MODELS, *TOY_LLM_MODELS])}.")
     # Re-verify when a file changes (size or mtime), not on every call.
     stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted((root / folder).rglob("*"))
                   if p.is_file()) if (root / folder).is_dir() else ()
     manifest = root / "MANIFEST.json"
     stamp += ((manifest.stat().st_mtime_ns,) if manifest.is_file() else ())
-    return str(_verified(root, folder, stamp))
+    return str(_verified(root, folder, stamp, rebuild))
 
 
 def ship(source: str | Path) -> Path:
@@ -84,3 +99,15 @@ def ship(source: str | Path) -> Path:
             shutil.copytree(source / folder, tmp / folder)
         shutil.copy2(source / "MANIFEST.json", tmp / "MANIFEST.json")
     return SHIPPED_DIR
+
+
+def ship_llama(source: str | Path) -> Path:
+    """Check a pretrained toy Llama (`llm pretrain OUT_DIR`) against its manifest, then copy it into the package."""
+    import shutil
+
+    source = Path(source).resolve()
+    _verified(source, TOY_LLM_MODELS["toy:llama"], (), LLM_REBUILD)
+    with atomic_dir(LLM_SHIPPED_DIR) as tmp:
+        shutil.copytree(source / "llama", tmp / "llama")
+        shutil.copy2(source / "MANIFEST.json", tmp / "MANIFEST.json")
+    return LLM_SHIPPED_DIR
