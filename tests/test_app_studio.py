@@ -188,3 +188,25 @@ def test_concurrent_requests_wait_instead_of_colliding(studio):
     with ThreadPoolExecutor(len(requests)) as pool:  # adapters switch between requests, never during one
         results = list(pool.map(lambda adapters: studio.generate(settings, adapters), requests))
     assert all(np.array_equal(_pixels(r.columns[0].images[0]), e) for r, e in zip(results, expected, strict=True))
+
+
+def test_loads_exactly_the_checked_weights_file(tiny_sd_path, sd_adapter_dir, tmp_path, monkeypatch):
+    from diffusers.loaders import lora_base
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path / "adapters"
+    shutil.copytree(sd_adapter_dir, root / "dog")
+    decoy = tmp_path / "outside" / "zeros.safetensors"  # same layers, all zero: the base model's image
+    decoy.parent.mkdir()
+    save_file({key: torch.zeros_like(value) for key, value in load_file(root / "dog" / WEIGHTS_NAME).items()}, decoy)
+    for name in ("a_" + WEIGHTS_NAME, "z_" + WEIGHTS_NAME):  # both sides of the checked name, whatever the order
+        (root / "dog" / name).symlink_to(decoy)
+
+    def guess(*args, **kwargs):
+        raise AssertionError("diffusers was left to guess which weights file to load")
+
+    monkeypatch.setattr(lora_base, "_best_guess_weight_name", guess)
+    studio = Studio.open(str(tiny_sd_path), [root], out_dir=tmp_path / "out")
+    result = studio.compare(studio.settings("a photo of sks dog", seed=1, steps=2), {"dog": 1.0})
+    base, adapted = (_pixels(column.images[0]) for column in result.columns)
+    assert np.abs(base - adapted).max() > 20, "the checked adapter, not the all-zero decoy, must be loaded"
