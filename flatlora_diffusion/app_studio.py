@@ -221,7 +221,7 @@ class Studio:
             info, root = self.adapters[name], self._root_of[name]
             weights = info.path / WEIGHTS_NAME
             if not weights.resolve().is_relative_to(root):  # replaced by a link since the scan
-                raise StudioError(f"Adapter `{name}` now points outside `{root.name}`; it is not loaded.")
+                raise StudioError(f"Adapter `{name}` now points outside `{_label(root)}`; it is not loaded.")
             try:
                 stat = weights.stat()
             except OSError as err:
@@ -387,8 +387,8 @@ class Studio:
         relative to its adapter root (`runs/dog/...`), never by its absolute path on the server.
         """
         text = str(text)
-        places = {str(root.resolve()): root.name for root in self.adapter_roots}
-        places |= {str(root): root.name for root in self.adapter_roots if root.is_absolute()}
+        places = {str(root.resolve()): _label(root) for root in self.adapter_roots}
+        places |= {str(root): _label(root) for root in self.adapter_roots if root.is_absolute()}
         if self.base_label != self.base_model:
             places |= {str(Path(self.base_model).resolve()): self.base_label, self.base_model: self.base_label}
         for place in sorted(places, key=len, reverse=True):
@@ -397,11 +397,11 @@ class Studio:
 
     def describe(self) -> str:
         """Markdown: the base, the adapter folders, a table of the adapters' settings, and problems."""
-        roots = ", ".join(f"`{root.name}`" for root in self.adapter_roots) or "none (`--adapters DIR`)"
+        roots = ", ".join(f"`{_label(root)}`" for root in self.adapter_roots) or "none (`--adapters DIR`)"
         lines = [f"**Base model** `{self.base_label}` ({self.model_type.upper()}, {self.native_size} px native) · "
                  f"**Adapter folders** {roots}", ""]
         for root in self.missing_roots:
-            lines.append(f"- Folder `{root.name}` does not exist (yet).")
+            lines.append(f"- Folder `{_label(root)}` does not exist (yet).")
         if not self.adapters:
             lines += ["", f"No adapter found. Train one with `{TRAIN_HINT}` (it writes `outputs/demo`), "
                           "then click **Rescan**. Meanwhile the base model works on its own."]
@@ -446,6 +446,11 @@ class Studio:
             except (OSError, ValueError) as err:
                 logger.warning("Cannot read validation image `%s`: %s", path, err)
         return thumbs
+
+
+def _label(folder: Path) -> str:
+    """A folder as the page names it: its own name (`.` is the name of the folder it means)."""
+    return folder.resolve().name or "/"
 
 
 def model_label(model: str) -> str:

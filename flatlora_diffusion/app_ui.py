@@ -100,7 +100,7 @@ def build_demo(studio: Studio):
     import gradio as gr
 
     lim, native, slots = studio.limits, studio.native_size, studio.limits.max_adapters
-    # Gradio's copies of results older than an hour are deleted every 10 minutes (all of them on exit).
+    # Gradio's copies of results older than an hour are deleted every 10 minutes; `studio.close()` removes the rest.
     with gr.Blocks(title="Flat-LoRA studio", analytics_enabled=False, fill_width=True,
                    delete_cache=(600, 3600)) as demo:
         gr.Markdown("## Flat-LoRA studio — the base model, LoRA and Flat-LoRA adapters on the same seed")
