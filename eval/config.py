@@ -329,6 +329,13 @@ class GSM8KConfig(LLMConfig):
         metadata=_help("`strict`: only `#### N` / `The answer is N` / `\\boxed{N}`; "
                        "`flexible`: else the last number in the answer.", choices=("strict", "flexible")),
     )
+    protocol: str = field(
+        default="project",
+        metadata=_help("`project`: `Question: …\\nAnswer:` and the extraction of `--extract`; `reference`: the "
+                       "Flat-LoRA reference's `Q: …\\nA: ` prompt and its extraction (the first `#### N`, digits "
+                       "only). Train with the matching template (`metamath` / `metamath_reference`).",
+                       choices=("project", "reference")),
+    )
 
     def _check(self) -> list[str]:
         errors = super()._check()
@@ -338,6 +345,8 @@ class GSM8KConfig(LLMConfig):
             errors.append(f"`num_fewshot` must be >= 0, got {self.num_fewshot}.")
         if self.extract not in ("strict", "flexible"):
             errors.append(f"`extract` must be `strict` or `flexible`, got {self.extract!r}.")
+        if self.protocol not in ("project", "reference"):
+            errors.append(f"`protocol` must be `project` or `reference`, got {self.protocol!r}.")
         return errors
 
 

@@ -8,12 +8,22 @@ Extraction (`extract_answer`) looks, in order, for the last ``#### N``, ``the an
 ``\\boxed{N}``; in `flexible` mode it falls back to the last number in the text. Numbers may
 carry ``$``, thousands separators, a sign (``-`` or ``−``), decimals, ``%`` and trailing text
 (``#### 1,234 apples.``). A generation without any answer scores as wrong.
+
+Two protocols (`--protocol`, recorded in the result JSON), each with its training template in
+`flatlora_diffusion.llm.data` so a model is scored on the prompt it was trained on:
+
+* ``project`` (default): ``Question: …\nAnswer:`` and the extraction above.
+* ``reference``: the Flat-LoRA reference's ``Q: …\nA: `` prompt and its extraction — the first
+  ``#### N`` with N plain digits, read as an integer (``#### $18``, ``#### -3`` are missed,
+  ``#### 18.5`` reads 18, a later correction is ignored), to reproduce and compare the paper's numbers.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -59,6 +69,31 @@ def extract_answer(text: str, mode: str = "flexible") -> Decimal | None:
     return None
 
 
+def reference_answer(text: str, mode: str = "flexible") -> Decimal | None:
+    """The reference's extraction: the first ``#### N`` (digits only) as an integer; ``mode`` is not used."""
+    match = _REFERENCE.search(text)
+    return Decimal(int(match[1])) if match else None
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a question becomes a prompt, where generation stops, and how the answer is read."""
+
+    question: str  # the prompt's last part, `{question}` filled in; the model continues after it
+    shot: str  # one worked example, `{question}` and `{answer}` filled in
+    stop: tuple[str, ...]
+    extract: Callable[[str, str], Decimal | None]
+
+
+_REFERENCE = re.compile(r"####\s*(\d+)")
+PROTOCOLS = {
+    "project": Protocol("Question: {question}\nAnswer:", "Question: {question}\nAnswer: {answer}\n\n", STOP,
+                        extract_answer),
+    "reference": Protocol("Q: {question}\nA: ", "Q: {question}\nA: {answer}\n\n", ("\n\nQ:", "Q:", "\n\n\n"),
+                          reference_answer),
+}
+
+
 def gold_answer(answer: str) -> Decimal:
     """The reference number of a GSM8K `answer` field (after ``####``)."""
     value = extract_answer(answer, mode="strict")
@@ -72,11 +107,12 @@ def is_correct(prediction: Decimal | None, gold: Decimal) -> bool:
     return prediction is not None and prediction == gold
 
 
-def build_prompt(question: str, fewshot: list[dict]) -> str:
-    """``Question: …\\nAnswer: …`` worked examples (calculator annotations removed), then the question."""
-    shots = "".join(f"Question: {ex['question'].strip()}\nAnswer: {_CALCULATOR.sub('', ex['answer']).strip()}\n\n"
+def build_prompt(question: str, fewshot: list[dict], protocol: str = "project") -> str:
+    """The protocol's worked examples (calculator annotations removed), then the question."""
+    layout = PROTOCOLS[protocol]
+    shots = "".join(layout.shot.format(question=ex["question"].strip(), answer=_CALCULATOR.sub("", ex["answer"]).strip())
                     for ex in fewshot)
-    return f"{shots}Question: {question.strip()}\nAnswer:"
+    return shots + layout.question.format(question=question.strip())
 
 
 def load_examples(config: GSM8KConfig) -> tuple[list[dict], list[dict]]:
@@ -97,13 +133,14 @@ def load_examples(config: GSM8KConfig) -> tuple[list[dict], list[dict]]:
 
 def evaluate(model, tokenizer, examples: list[dict], config: GSM8KConfig, fewshot: list[dict] | None = None) -> dict:
     """Accuracy and one record per example (prompt-free: question, gold, prediction, generation)."""
-    prompts = [build_prompt(ex["question"], fewshot or []) for ex in examples]
+    layout = PROTOCOLS[config.protocol]
+    prompts = [build_prompt(ex["question"], fewshot or [], config.protocol) for ex in examples]
     generations = greedy_generate(model, tokenizer, prompts, batch_size=config.batch_size,
-                                  max_new_tokens=config.max_new_tokens, stop=STOP, chat=config.chat_template,
+                                  max_new_tokens=config.max_new_tokens, stop=layout.stop, chat=config.chat_template,
                                   desc="gsm8k")
     records = []
     for ex, text in zip(examples, generations, strict=True):
-        gold, pred = gold_answer(ex["answer"]), extract_answer(text, config.extract)
+        gold, pred = gold_answer(ex["answer"]), layout.extract(text, config.extract)
         records.append({"question": ex["question"], "gold": str(gold), "prediction": None if pred is None else str(pred),
                         "correct": is_correct(pred, gold), "generation": text})
     correct = sum(r["correct"] for r in records)
@@ -117,7 +154,7 @@ def main(config: GSM8KConfig) -> int:
     model, tokenizer = load_causal_lm(config)
     result = evaluate(model, tokenizer, examples, config, fewshot)
     records = result.pop("records")
-    summary = {"task": "gsm8k", **result, "settings": config.to_dict(), "environment": environment()}
+    summary = {"task": "gsm8k", "protocol": config.protocol, **result, "settings": config.to_dict(), "environment": environment()}
     print(json.dumps({k: result[k] for k in ("accuracy", "correct", "n", "no_answer")}, indent=2))
     if config.out:
         out = Path(config.out)

@@ -416,7 +416,10 @@ def load_adapter(pipe, adapter_dir: str | os.PathLike, adapter_name: str) -> Ada
                            f"model (another architecture?): {'; '.join(problems[:3])}{more}.")
     try:
         with no_lora_keys_notice(_components_without_weights(pipe, shapes)):
-            pipe.load_lora_weights(str(info.path), adapter_name=adapter_name)
+            # Exactly the file checked above: without `weight_name`, diffusers picks any
+            # `*pytorch_lora_weights.safetensors` in the folder (a symlink planted beside it, say).
+            pipe.load_lora_weights(str(info.path), weight_name=WEIGHTS_NAME, use_safetensors=True,
+                                   adapter_name=adapter_name)
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
         _discard(pipe, adapter_name)
         mismatch = any(marker in str(err) for marker in _SIZE_MISMATCH)

@@ -40,7 +40,14 @@ from flatlora_diffusion.adapters import (
     load_adapter,
     model_type_of,
 )
-from flatlora_diffusion.sampling import SCHEDULERS, SampleSettings, generate, load_pipeline, save_images
+from flatlora_diffusion.sampling import (
+    SCHEDULERS,
+    GenerationStopped,
+    SampleSettings,
+    generate,
+    load_pipeline,
+    save_images,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +55,10 @@ DEFAULT_SCHEDULER = "default"  # the UI's name for "keep the base model's own sc
 TRAIN_HINT = "python train_dreambooth_flatlora.py --config configs/demo.yaml"
 MAX_SCALE = 2.0  # |adapter scale|; beyond it images are noise
 _KEEP_REQUESTS = 50  # request folders kept on disk; older ones are deleted
+MAX_CELL_CHARS = 200  # a metadata value longer than this is cut in the adapter table
 
 Progress = Callable[[int, int, str], None]  # (images done, images in total, what is being drawn)
+Stop = Callable[[], bool]  # asked after every denoising step: true when nobody waits for the result any more
 
 
 class StudioError(ValueError):
@@ -66,6 +75,9 @@ class Limits:
     max_adapters: int = 4  # adapters selected at once; compare draws 1 + this many columns
     max_loaded: int = 8  # adapters kept in the pipeline; the least recently used are unloaded
     max_prompt_chars: int = 1000  # CLIP reads 77 tokens anyway
+    # images × columns × steps × width × height / 10^6 ("megapixel-steps") of one request: 8 images ×
+    # 2 columns × 50 steps at 1024×1024 px fit; what one worker can be held for is bounded by it.
+    max_work: int = 800
 
     def __post_init__(self) -> None:
         errors = [f"`{name}` must be a positive integer, got {value!r}." for name, value in vars(self).items()
@@ -111,6 +123,16 @@ class Result:
                 f"{s.width}×{s.height} px; {self.seconds:.1f} s.")
 
 
+def work_of(settings: SampleSettings, columns: int) -> float:
+    """The work of a request in megapixel-steps (denoising time grows about linearly with it)."""
+    return settings.num_images * columns * settings.steps * settings.width * settings.height / 1e6
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
+
+
 class Studio:
     """One cached base pipeline, the adapters found under ``adapter_roots``, and ``generate``/``compare``."""
 
@@ -118,6 +140,7 @@ class Studio:
                  limits: Limits = Limits(), out_dir: str | os.PathLike | None = None) -> None:
         self.pipe = pipe
         self.base_model = str(base_model)
+        self.base_label = model_label(self.base_model)  # what the page and the PNGs show
         self.model_type = model_type_of(pipe)
         self.adapter_roots = [Path(root) for root in adapter_roots]
         self.native_size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
@@ -133,6 +156,7 @@ class Studio:
         self._loaded: OrderedDict[str, tuple[int, int]] = OrderedDict()  # name -> weights (mtime, size)
         self._lock = threading.Lock()  # one request at a time uses the pipeline
         self._requests = 0
+        self.seconds_per_work: float | None = None  # measured on the last request; None before the first
         self.scan()
 
     @classmethod
@@ -163,7 +187,7 @@ class Studio:
         """Why ``info`` cannot be used with this base (architecture), or None."""
         if info.model_type is not None and info.model_type != self.model_type:
             return (f"trained for {info.model_type.upper()}; this app's base is {self.model_type.upper()} — "
-                    f"start the app with `--base {info.base_model}`")
+                    f"start the app with `--base` set to its base model, `{model_label(info.base_model)}`")
         dim = self.pipe.unet.config.cross_attention_dim
         if info.cross_attention_dim is not None and info.cross_attention_dim != dim:
             return f"trained on a UNet with cross-attention width {info.cross_attention_dim}; this base's is {dim}"
@@ -197,11 +221,11 @@ class Studio:
             info, root = self.adapters[name], self._root_of[name]
             weights = info.path / WEIGHTS_NAME
             if not weights.resolve().is_relative_to(root):  # replaced by a link since the scan
-                raise StudioError(f"Adapter `{name}` now points outside `{root}`; it is not loaded.")
+                raise StudioError(f"Adapter `{name}` now points outside `{_label(root)}`; it is not loaded.")
             try:
                 stat = weights.stat()
             except OSError as err:
-                raise StudioError(f"Adapter `{name}`: `{weights}` is gone; click **Rescan**.") from err
+                raise StudioError(f"Adapter `{name}`: `{self.shown(weights)}` is gone; click **Rescan**.") from err
             signature = (stat.st_mtime_ns, stat.st_size)
             if self._loaded.get(name) == signature:
                 self._loaded.move_to_end(name)
@@ -216,7 +240,7 @@ class Studio:
             try:
                 load_adapter(self.pipe, info.path, name)
             except AdapterError as err:
-                raise StudioError(f"Adapter `{name}` cannot be used: {err}") from err
+                raise StudioError(self.shown(f"Adapter `{name}` cannot be used: {err}")) from err
             self._loaded[name] = signature
 
     def _unload(self, name: str) -> None:
@@ -274,27 +298,45 @@ class Studio:
             raise StudioError(str(err)) from err
 
     def generate(self, settings: SampleSettings, adapters: Mapping[str, float] | None = None,
-                 progress: Progress | None = None) -> Result:
+                 progress: Progress | None = None, stop: Stop | None = None) -> Result:
         """``settings.num_images`` images with all ``adapters`` active together (none: the base model)."""
         selection = self._check_selection(adapters or {})
         label = " + ".join(f"{name} ×{scale:g}" for name, scale in selection.items()) or "base"
-        return self._run(settings, [(label, selection)], progress)
+        return self._run(settings, [(label, selection)], progress, stop)
 
     def compare(self, settings: SampleSettings, adapters: Mapping[str, float] | None = None,
-                progress: Progress | None = None) -> Result:
+                progress: Progress | None = None, stop: Stop | None = None) -> Result:
         """The same prompt and seeds drawn by the base model and by each adapter alone, one column each."""
         selection = self._check_selection(adapters or {})
         columns = [("base", {})] + [(f"{name} ×{scale:g}", {name: scale}) for name, scale in selection.items()]
-        return self._run(settings, columns, progress)
+        return self._run(settings, columns, progress, stop)
+
+    def estimate(self, work: float) -> str:
+        """The expected duration of ``work`` megapixel-steps at the speed measured on the last request."""
+        if self.seconds_per_work is None:
+            return "time unknown until the first request has been measured"
+        return f"about {_duration(work * self.seconds_per_work)} at this server's measured speed"
+
+    def _check_work(self, settings: SampleSettings, columns: int) -> float:
+        work = work_of(settings, columns)
+        if work > self.limits.max_work:
+            raise StudioError(
+                f"This request is too large: {settings.num_images} image(s) × {columns} column(s) × {settings.steps} "
+                f"steps × {settings.width}×{settings.height} px = {work:.0f} megapixel-steps ({self.estimate(work)}); "
+                f"the limit (`--max-work`) is {self.limits.max_work}. Draw fewer images, steps or pixels, "
+                "or compare fewer adapters.")
+        return work
 
     def _run(self, settings: SampleSettings, columns: list[tuple[str, dict[str, float]]],
-             progress: Progress | None) -> Result:
+             progress: Progress | None, stop: Stop | None = None) -> Result:
         if not isinstance(settings, SampleSettings):
             raise StudioError("`settings` must come from `Studio.settings`.")
         if settings.num_images > self.limits.max_images or settings.steps > self.limits.max_steps:
             raise StudioError(f"At most {self.limits.max_images} images of at most {self.limits.max_steps} steps.")
-        start, total = time.perf_counter(), settings.num_images * len(columns)
+        work = self._check_work(settings, len(columns))
+        total = settings.num_images * len(columns)
         with self._lock:
+            start = time.perf_counter()  # after the wait in line: the rate is the pipeline's own
             self._ensure_loaded({name for _, active in columns for name in active})
             out = self._request_dir()
             result = []
@@ -302,15 +344,23 @@ class Studio:
                 column = Column(label, active)
                 for i in range(settings.num_images):  # one at a time: memory stays that of one image
                     if progress:
-                        progress(index * settings.num_images + i, total, f"{label}: image {i + 1}")
-                    column.images += generate(self.pipe, settings.for_image(i), adapters=active or None)
+                        estimate = f" ({self.estimate(work)} in all)" if index == i == 0 else ""
+                        progress(index * settings.num_images + i, total, f"{label}: image {i + 1}{estimate}")
+                    try:
+                        column.images += generate(self.pipe, settings.for_image(i), adapters=active or None,
+                                                  stop=stop)
+                    except GenerationStopped as err:
+                        raise StudioError(f"Stopped: the client went away ({index * settings.num_images + i} "
+                                          f"of {total} images drawn).") from err
                 stem = f"{index}-{_file_label(label)}_seed{settings.seed}"
                 column.paths = save_images(column.images, out, stem, settings,
-                                           extra={"base_model": self.base_model, "adapters": active})
+                                           extra={"base_model": self.base_label, "adapters": active})
                 result.append(column)
             if progress:
                 progress(total, total, "done")
-        return Result(settings, result, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self.seconds_per_work = seconds / work
+        return Result(settings, result, seconds)
 
     def _request_dir(self) -> Path:
         """A fresh folder for this request's PNGs; the oldest are removed beyond the last few."""
@@ -330,13 +380,28 @@ class Studio:
     # ----------------------------------------------------------------------------------------
     # What the UI shows
 
+    def shown(self, text: str | os.PathLike) -> str:
+        """``text`` as the page may show it: the adapter roots' and the base folder's locations cut to their names.
+
+        The page goes to whoever can reach the app (Gradio's `/config` serves it), so it names a folder
+        relative to its adapter root (`runs/dog/...`), never by its absolute path on the server.
+        """
+        text = str(text)
+        places = {str(root.resolve()): _label(root) for root in self.adapter_roots}
+        places |= {str(root): _label(root) for root in self.adapter_roots if root.is_absolute()}
+        if self.base_label != self.base_model:
+            places |= {str(Path(self.base_model).resolve()): self.base_label, self.base_model: self.base_label}
+        for place in sorted(places, key=len, reverse=True):
+            text = text.replace(place, places[place])
+        return text
+
     def describe(self) -> str:
         """Markdown: the base, the adapter folders, a table of the adapters' settings, and problems."""
-        roots = ", ".join(f"`{root}`" for root in self.adapter_roots) or "none (`--adapters DIR`)"
-        lines = [f"**Base model** `{self.base_model}` ({self.model_type.upper()}, {self.native_size} px native) · "
+        roots = ", ".join(f"`{_label(root)}`" for root in self.adapter_roots) or "none (`--adapters DIR`)"
+        lines = [f"**Base model** `{self.base_label}` ({self.model_type.upper()}, {self.native_size} px native) · "
                  f"**Adapter folders** {roots}", ""]
         for root in self.missing_roots:
-            lines.append(f"- Folder `{root}` does not exist (yet).")
+            lines.append(f"- Folder `{_label(root)}` does not exist (yet).")
         if not self.adapters:
             lines += ["", f"No adapter found. Train one with `{TRAIN_HINT}` (it writes `outputs/demo`), "
                           "then click **Rescan**. Meanwhile the base model works on its own."]
@@ -344,25 +409,28 @@ class Studio:
             lines += ["", "| Adapter | Method | Rank / alpha | Steps | Instance prompt | Base model | Notes |",
                       "|---|---|---|---|---|---|---|"]
             for name, info in self.adapters.items():
-                lines.append("| " + " | ".join(_cell(value) for value in self._row(name, info)) + " |")
+                lines.append("| " + " | ".join(self._row(name, info)) + " |")
         if self.skipped:
             lines += ["", "**Skipped** (cannot be read; only `pytorch_lora_weights.safetensors` is ever loaded):"]
-            lines += [f"- `{folder}`: {_cell(reason)}" for folder, reason in self.skipped]
-        return "\n".join(lines)
+            lines += [f"- `{_cell(self.shown(folder))}`: {_cell(self.shown(reason))}" for folder, reason in self.skipped]
+        return self.shown("\n".join(lines))
 
-    def _row(self, name: str, info: AdapterInfo) -> list[Any]:
+    def _row(self, name: str, info: AdapterInfo) -> list[str]:
+        """The table cells of one adapter; every value from its metadata is cut to :data:`MAX_CELL_CHARS`."""
         method = f"Flat-LoRA (ρ {info.rho:g}, {info.schedule})" if info.rho else "LoRA"
         method += " + DoRA" if info.dora else ""
         notes = []
         if problem := self.problem(info):
             notes.append(f"⚠ {problem}")
         elif info.base_model and info.base_model != self.base_model:
-            notes.append(f"trained on another base (`{info.base_model}`)")
+            notes.append(f"trained on another base (`{model_label(info.base_model)}`)")
         if info.validation_images:
             notes.append(f"{len(info.validation_images)} validation image(s)")
         rank = f"{info.rank} / {info.alpha:g}" if info.rank is not None and info.alpha is not None else "?"
-        return [f"`{name}`", method, rank, info.training.get("steps", "?"),
-                info.training.get("instance_prompt") or "—", f"`{info.base_model or '?'}`", "; ".join(notes) or "—"]
+        cells = [name, method, rank, info.training.get("steps", "?"), info.training.get("instance_prompt") or "—",
+                 model_label(info.base_model or "?"), "; ".join(notes) or "—"]
+        cells = [_cell(self.shown(cell)) for cell in cells]
+        return [f"`{cell}`" if i in (0, 5) else cell for i, cell in enumerate(cells)]
 
     def validation_images(self, name: str, limit: int = 8) -> list[tuple[Image.Image, str]]:
         """Thumbnails of the adapter's validation images (read from inside its folder only)."""
@@ -380,9 +448,23 @@ class Studio:
         return thumbs
 
 
+def _label(folder: Path) -> str:
+    """A folder as the page names it: its own name (`.` is the name of the folder it means)."""
+    return folder.resolve().name or "/"
+
+
+def model_label(model: str) -> str:
+    """A base model as the page shows it: a local folder by its name only, a Hub id or `toy:sd` as it is."""
+    path = Path(model)
+    return path.name if path.is_absolute() or (":" not in model and path.exists()) else model
+
+
 def _cell(value: Any) -> str:
-    """A value as one Markdown table cell."""
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    """A value as one Markdown table cell, cut to :data:`MAX_CELL_CHARS` (metadata can be any size)."""
+    text = str(value)
+    if len(text) > MAX_CELL_CHARS:
+        text = f"{text[:MAX_CELL_CHARS]}… ({len(text)} characters)"
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _file_label(label: str) -> str:

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_BASE = "toy:sd"
 DEFAULT_ADAPTERS = ("outputs/demo",)
 QUEUE_SIZE = 16  # requests waiting beyond this are refused ("queue full") instead of piling up
+MAX_UPLOAD = "1kb"  # the page has no upload control: a larger POST to /gradio_api/upload is refused (413)
+GRADIO_DIR = ".gradio"  # Gradio's uploads and copies of results, inside the studio's folder (removed on exit)
 API_NAME = "generate"  # the one API endpoint: `gradio_client.Client(url).predict(..., api_name="/generate")`
 
 
@@ -48,6 +50,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=limits.max_steps, help="Most denoising steps per image.")
     parser.add_argument("--max-size", type=int, default=limits.max_side, help="Largest width/height (multiple of 8).")
     parser.add_argument("--max-images", type=int, default=limits.max_images, help="Most images per column.")
+    parser.add_argument("--max-work", type=int, default=limits.max_work,
+                        help="Most work per request: images × columns × steps × width × height / 10^6 "
+                             "(megapixel-steps; default %(default)s: 8 images × 2 columns × 50 steps at 1024 px).")
     return parser.parse_args(argv)
 
 
@@ -95,7 +100,9 @@ def build_demo(studio: Studio):
     import gradio as gr
 
     lim, native, slots = studio.limits, studio.native_size, studio.limits.max_adapters
-    with gr.Blocks(title="Flat-LoRA studio", analytics_enabled=False, fill_width=True) as demo:
+    # Gradio's copies of results older than an hour are deleted every 10 minutes; `studio.close()` removes the rest.
+    with gr.Blocks(title="Flat-LoRA studio", analytics_enabled=False, fill_width=True,
+                   delete_cache=(600, 3600)) as demo:
         gr.Markdown("## Flat-LoRA studio — the base model, LoRA and Flat-LoRA adapters on the same seed")
         scales_state = gr.State({"slots": [], "scales": {}})
         with gr.Row():
@@ -152,7 +159,8 @@ def build_demo(studio: Studio):
         @ui_errors
         def generate(prompt: str, negative_prompt: str, adapters: list[str], compare: bool, seed: int,
                      randomise_seed: bool, steps: int, guidance_scale: float, width: int, height: int,
-                     num_images: int, scheduler: str, progress=gr.Progress(), **scales: float):  # noqa: B008
+                     num_images: int, scheduler: str, progress=gr.Progress(), request=None,  # noqa: B008
+                     **scales: float):
             """Draw images with the selected adapters (the app's API: `client.predict(..., api_name="/generate")`).
 
             Parameters:
@@ -181,8 +189,14 @@ def build_demo(studio: Studio):
                                        num_images=num_images, scheduler=scheduler)
             chosen = dict(zip(names, [scales[f"scale_{i}"] for i in range(slots)], strict=False))
             run_fn = studio.compare if compare else studio.generate
-            result = run_fn(settings, chosen, progress=lambda done, total, what: progress((done, total), desc=what))
+            session = getattr(request, "session_hash", None)
+            result = run_fn(settings, chosen, progress=lambda done, total, what: progress((done, total), desc=what),
+                            stop=(lambda: client_gone(demo, session)) if session else None)
             return result.gallery(), settings.seed, result.summary()
+
+        # Gradio passes the request to a parameter whose type hint is `gr.Request`; the hint is set here
+        # as an object because this module imports gradio lazily (a string hint would not resolve).
+        generate.__annotations__["request"] = gr.Request
 
         def layout(names, compare_all):
             """The gallery's columns for the request about to run: one per model drawn."""
@@ -212,20 +226,42 @@ def build_demo(studio: Studio):
     return demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
 
 
+def client_gone(demo, session_hash: str) -> bool:
+    """Whether the client of ``session_hash``'s running request has gone (closed the page or its connection).
+
+    Gradio notices a closed event stream and marks the session's running job dead (``alive = False``)
+    but lets the function run on; this reads that mark. It is Gradio's internal queue state (checked
+    with gradio 6.31): if it moves, this returns False and requests simply run to the end.
+    """
+    for job in getattr(getattr(demo, "_queue", None), "active_jobs", None) or []:
+        for event in job or []:
+            if getattr(event, "session_hash", None) == session_hash:
+                return not getattr(event, "alive", True)
+    return False
+
+
 def _default_prompt(studio: Studio) -> str:
-    """The first adapter's instance prompt: what the newcomer's adapter was trained on."""
+    """The first adapter's instance prompt (what the newcomer's adapter was trained on), if a valid prompt."""
     for info in studio.adapters.values():
-        if info.training.get("instance_prompt"):
-            return info.training["instance_prompt"]
+        prompt = info.training.get("instance_prompt")
+        if isinstance(prompt, str) and 0 < len(prompt) <= studio.limits.max_prompt_chars:
+            return prompt
     return "a photo of a dog"
 
 
 def launch(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
            prevent_thread_lock: bool = False):
-    """Serve the page; returns the Blocks (``demo.close()`` stops it when ``prevent_thread_lock``)."""
+    """Serve the page; returns the Blocks (``demo.close()`` stops it when ``prevent_thread_lock``).
+
+    Gradio keeps its files in ``GRADIO_TEMP_DIR`` (default: a `/tmp/gradio` shared by every app, never
+    emptied); the app points it at a folder inside ``studio.out_dir``, which ``studio.close()`` removes.
+    """
+    cache = studio.out_dir / GRADIO_DIR
+    cache.mkdir(exist_ok=True)
+    os.environ["GRADIO_TEMP_DIR"] = str(cache)  # read when the Blocks and its server are made, and per request
     demo = build_demo(studio)
     demo.launch(server_name=host, server_port=port, share=share, ssr_mode=False, show_error=False,
-                prevent_thread_lock=prevent_thread_lock, footer_links=[])
+                prevent_thread_lock=prevent_thread_lock, footer_links=[], max_file_size=MAX_UPLOAD)
     return demo
 
 
@@ -234,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        limits = Limits(max_steps=args.max_steps, max_side=args.max_size, max_images=args.max_images)
+        limits = Limits(max_steps=args.max_steps, max_side=args.max_size, max_images=args.max_images,
+                        max_work=args.max_work)
         device, dtype = _device_and_dtype(args.device, args.dtype)
         studio = Studio.open(args.base, args.adapters, device=device, dtype=dtype, limits=limits)
     except ValueError as err:  # bad flag, unloadable base model: the message names it and the fix

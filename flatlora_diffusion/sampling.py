@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -215,12 +215,17 @@ def activate_adapters(pipe, adapters: Mapping[str, float] | None) -> None:
     pipe.set_adapters(list(adapters), [float(scale) for scale in adapters.values()])
 
 
+class GenerationStopped(RuntimeError):
+    """``generate``'s ``stop`` said to stop; the images of the interrupted call are discarded."""
+
+
 def generate(
     pipe,
     settings: SampleSettings,
     *,
     adapters: Mapping[str, float] | None = None,
     batch_size: int = 1,
+    stop: Callable[[], bool] | None = None,
 ) -> list[Image.Image]:
     """Generate ``settings.num_images`` images with exactly ``adapters`` active (``None``: base model).
 
@@ -228,6 +233,8 @@ def generate(
     ``settings.seed + i``, so batching does not change which image a seed gives (the pixels may
     differ by float rounding of batched kernels). ``settings.scheduler`` replaces the pipeline's
     scheduler for this call only, so a later call without one gets the pipeline's own again.
+    ``stop``, if given, is asked after every denoising step; when it says so, the pipeline is
+    interrupted and :class:`GenerationStopped` is raised.
     """
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
@@ -236,6 +243,15 @@ def generate(
     if settings.scheduler is not None:
         set_scheduler(pipe, settings.scheduler)
     images: list[Image.Image] = []
+    stopped = False
+
+    def on_step_end(pipe, step, timestep, tensors):
+        nonlocal stopped
+        if stop():
+            stopped = pipe._interrupt = True  # diffusers skips the remaining steps
+        return tensors
+
+    step_hook = {"callback_on_step_end": on_step_end} if stop is not None else {}
     try:
         for start in range(0, settings.num_images, batch_size):
             count = min(batch_size, settings.num_images - start)
@@ -250,7 +266,10 @@ def generate(
                 width=settings.width,
                 height=settings.height,
                 output_type="pil",
+                **step_hook,
             )
+            if stopped:
+                raise GenerationStopped(f"Stopped after {len(images)} of {settings.num_images} image(s).")
             images.extend(output.images)
     finally:
         pipe.scheduler = own_scheduler

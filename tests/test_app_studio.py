@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,9 +48,12 @@ def test_discovery_shows_settings_problems_and_skipped_files(studio, adapter_roo
     text = studio.describe()
     for expected in ("| `runs_dog` | Flat-LoRA (ρ 0.1, cosine) | 4 / 8 | 2 | a photo of sks dog |",
                      "⚠ trained for SDXL; this app's base is SD", "not-yet` does not exist (yet)",
-                     f"`{adapter_root.resolve() / 'broken'}`", f"`{adapter_root.resolve() / 'pickled'}`",
+                     f"`{adapter_root.name}/broken`", f"`{adapter_root.name}/pickled`",
                      "is not a valid safetensors file"):
         assert expected in text, expected
+    # The page is served to every client: folders relative to their adapter root, the base by its name.
+    assert str(adapter_root.parent) not in text and str(studio.base_model) not in text
+    assert f"**Base model** `{Path(studio.base_model).name}`" in text
     assert {folder.name for folder, _ in studio.skipped} == {"broken", "pickled"}
 
 
@@ -64,7 +68,7 @@ def test_same_seed_same_image_and_settings_in_png(studio):
         chunk = json.loads(png.text["flatlora"])
         assert "Seed: 6" in png.text["parameters"]
     assert chunk["settings"]["seed"] == 6 and chunk["settings"]["scheduler"] == "euler"
-    assert chunk["adapters"] == {"runs_dog": 1.0} and chunk["base_model"] == studio.base_model
+    assert chunk["adapters"] == {"runs_dog": 1.0} and chunk["base_model"] == studio.base_label == Path(studio.base_model).name
     assert first.gallery()[1] == (str(first.columns[0].paths[1]), "runs_dog ×1 · seed 6")
 
 
@@ -188,3 +192,71 @@ def test_concurrent_requests_wait_instead_of_colliding(studio):
     with ThreadPoolExecutor(len(requests)) as pool:  # adapters switch between requests, never during one
         results = list(pool.map(lambda adapters: studio.generate(settings, adapters), requests))
     assert all(np.array_equal(_pixels(r.columns[0].images[0]), e) for r, e in zip(results, expected, strict=True))
+
+
+def test_loads_exactly_the_checked_weights_file(tiny_sd_path, sd_adapter_dir, tmp_path, monkeypatch):
+    from diffusers.loaders import lora_base
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path / "adapters"
+    shutil.copytree(sd_adapter_dir, root / "dog")
+    decoy = tmp_path / "outside" / "zeros.safetensors"  # same layers, all zero: the base model's image
+    decoy.parent.mkdir()
+    save_file({key: torch.zeros_like(value) for key, value in load_file(root / "dog" / WEIGHTS_NAME).items()}, decoy)
+    for name in ("a_" + WEIGHTS_NAME, "z_" + WEIGHTS_NAME):  # both sides of the checked name, whatever the order
+        (root / "dog" / name).symlink_to(decoy)
+
+    def guess(*args, **kwargs):
+        raise AssertionError("diffusers was left to guess which weights file to load")
+
+    monkeypatch.setattr(lora_base, "_best_guess_weight_name", guess)
+    studio = Studio.open(str(tiny_sd_path), [root], out_dir=tmp_path / "out")
+    result = studio.compare(studio.settings("a photo of sks dog", seed=1, steps=2), {"dog": 1.0})
+    base, adapted = (_pixels(column.images[0]) for column in result.columns)
+    assert np.abs(base - adapted).max() > 20, "the checked adapter, not the all-zero decoy, must be loaded"
+
+
+def test_oversized_metadata_is_cut_in_the_table(tiny_sd_path, sd_adapter_dir, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from flatlora_diffusion.adapters import METADATA_KEY
+    from flatlora_diffusion.app_ui import _default_prompt
+
+    weights = sd_adapter_dir / WEIGHTS_NAME
+    with safe_open(str(weights), framework="pt") as handle:
+        metadata = handle.metadata()
+    facts = json.loads(metadata[METADATA_KEY])
+    facts["training"] |= {"instance_prompt": "sks " * 50_000, "steps": "9" * 10_000}
+    facts["base_model"] = "/srv/secret/" + "m" * 5_000
+    (tmp_path / "adapters" / "huge").mkdir(parents=True)
+    save_file(load_file(weights), tmp_path / "adapters" / "huge" / WEIGHTS_NAME,
+              metadata | {METADATA_KEY: json.dumps(facts)})
+    studio = Studio.open(str(tiny_sd_path), [tmp_path / "adapters"], out_dir=tmp_path / "out")
+    assert list(studio.adapters) == ["huge"]
+    row = next(line for line in studio.describe().splitlines() if line.startswith("| `huge`"))
+    assert len(row) < 8 * (app_studio.MAX_CELL_CHARS + 30), len(row)
+    assert "sks sks" in row and "… (200000 characters)" in row and "… (10000 characters)" in row
+    assert "/srv/secret" not in row  # an absolute base path from the metadata is shown by its name
+    assert _default_prompt(studio) == "a photo of a dog"  # too long for the prompt box: not its default
+
+
+def test_total_work_of_a_request_is_capped_with_an_estimate(studio):
+    big = studio.settings("a dog", steps=100, num_images=8, width=1024, height=1024)
+    with pytest.raises(StudioError, match=r"8 image\(s\) × 2 column\(s\) × 100 steps × 1024×1024 px = 1678 "
+                                          r"megapixel-steps \(.*\); the limit \(`--max-work`\) is 800"):
+        studio.compare(big, {"runs_dog": 1.0})
+    studio.generate(studio.settings("a dog", steps=1))  # measures this server's speed
+    with pytest.raises(StudioError, match=r"megapixel-steps \(about .* at this server's measured speed\)"):
+        studio.generate(big)
+    with pytest.raises(ValueError, match="`max_work` must be a positive integer"):
+        Limits(max_work=0)
+
+
+def test_generation_stops_when_asked(studio):
+    asked = []
+    settings = studio.settings("a dog", steps=3, num_images=2)
+    with pytest.raises(StudioError, match=r"Stopped: the client went away \(0 of 2 images drawn\)"):
+        studio.generate(settings, stop=lambda: asked.append(1) or len(asked) >= 2)
+    assert len(asked) == 2, "the pipeline must stop at the step it is told to, not after all 2 × 3 steps"
+    assert len(studio.generate(settings).columns[0].images) == 2  # and the studio keeps serving

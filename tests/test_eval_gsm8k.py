@@ -102,7 +102,7 @@ def test_cli_end_to_end(tiny_llama_path: Path, tmp_path: Path, capsys) -> None:
     assert code == 0
     result = json.loads(out.read_text())
     assert result["n"] == 3 and 0 <= result["accuracy"] <= 1
-    assert result["settings"]["batch_size"] == 2 and "transformers" in result["environment"]["packages"]
+    assert result["protocol"] == "project" and result["settings"]["batch_size"] == 2 and "transformers" in result["environment"]["packages"]
     assert len(out.with_suffix(".samples.jsonl").read_text().splitlines()) == 3
     assert json.loads(capsys.readouterr().out)["n"] == 3
 
@@ -127,3 +127,54 @@ def test_adapter_and_its_own_tokenizer_are_loaded(tiny_llama_path: Path, tmp_pat
     assert isinstance(model, PeftModel) and loaded.chat_template == tokenizer.chat_template
     with pytest.raises(EvalError, match="has no `adapter_config.json`"):
         load_causal_lm(GSM8KConfig(model=str(tiny_llama_path), adapter=str(tmp_path), data="d", device="cpu"))
+
+
+@pytest.mark.parametrize(("text", "project", "reference"), [
+    ("3 + 4 = 7\n#### 7", "7", "7"),
+    ("#### $18", "18", None),  # the reference reads digits right after the marker only
+    ("#### -3", "-3", None),
+    ("#### 18.5", "18.5", "18"),
+    ("#### 5, no wait: #### 7", "7", "5"),  # a later correction: the reference keeps the first marker
+    ("The answer is: 42", "42", None),
+])
+def test_reference_protocol_extraction(text: str, project: str | None, reference: str | None) -> None:
+    for name, expected in (("project", project), ("reference", reference)):
+        got = gsm8k.PROTOCOLS[name].extract(text, "flexible")
+        assert got == (None if expected is None else Decimal(expected)), name
+
+
+def test_reference_protocol_prompt_and_json(monkeypatch, tmp_path: Path) -> None:
+    assert gsm8k.build_prompt("How many?", EXAMPLES[:1], "reference") == (
+        f"Q: {EXAMPLES[0]['question']}\nA: 3 + 4 = 7\n#### 7\n\nQ: How many?\nA: ")
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        seen.update(prompts=prompts, stop=kwargs["stop"])
+        return ["#### 7", "#### 1,166", "#### -5"]
+
+    monkeypatch.setattr(gsm8k, "greedy_generate", fake_generate)
+    monkeypatch.setattr(gsm8k, "load_causal_lm", lambda config: (None, None))
+    data, out = tmp_path / "test.jsonl", tmp_path / "gsm8k.json"
+    data.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
+    assert cli.main(["gsm8k", "--model", "m", "--data", str(data), "--device", "cpu", "--protocol", "reference",
+                     "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["protocol"] == result["settings"]["protocol"] == "reference"
+    assert result["correct"] == 1  # `1,166` reads as 1 and `-5` as nothing under the reference's extraction
+    assert seen["prompts"][0] == f"Q: {EXAMPLES[0]['question']}\nA: " and "\n\nQ:" in seen["stop"]
+    with pytest.raises(ValueError, match="`protocol` must be `project` or `reference`"):
+        GSM8KConfig(model="m", data="d", device="cpu", protocol="paper")
+
+
+@pytest.mark.parametrize(("protocol", "templates"), [("project", ("metamath", "gsm8k")),
+                                                     ("reference", ("metamath_reference", "gsm8k_reference"))])
+def test_training_template_prompt_is_the_eval_prompt(protocol: str, templates: tuple[str, str]) -> None:
+    from flatlora_diffusion.llm.data import TEMPLATES
+
+    rows = ({"query": " How many? ", "response": "2 + 2 = 4. The answer is: 4"},
+            {"question": " How many? ", "answer": "2 + 2 = <<2+2=4>>4\n#### 4"})
+    for template, row in zip(templates, rows, strict=True):
+        rendered = TEMPLATES[template](row, None)
+        learned_from = rendered.spans[0][0]
+        assert gsm8k.build_prompt("How many?", [], protocol).startswith(rendered.text[:learned_from]), template
+        assert rendered.text.startswith(gsm8k.build_prompt("How many?", [], protocol)), template

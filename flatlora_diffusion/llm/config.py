@@ -30,7 +30,7 @@ from flatlora_diffusion.typed_config import type_ok as _type_ok
 DTYPES = ("float32", "bfloat16", "float16")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
-TEMPLATE_NAMES = ("metamath", "gsm8k", "code_feedback", "wizardlm")  # see `flatlora_diffusion.llm.data.TEMPLATES`
+TEMPLATE_NAMES = ("metamath", "gsm8k", "metamath_reference", "gsm8k_reference", "code_feedback", "wizardlm")  # see `flatlora_diffusion.llm.data.TEMPLATES`
 TARGET_PRESETS = ("qv", "all")
 
 
@@ -167,7 +167,8 @@ class DataSettings(_Section):
 
     train: str | None = _f(None, "Training data: hub dataset (`meta-math/MetaMathQA`) or a local .json/.jsonl/"
                                  ".parquet file with the template's fields. Required.")
-    template: str = _f("metamath", "Prompt template: `metamath` (query/response), `gsm8k` (question/answer), "
+    template: str = _f("metamath", "Prompt template: `metamath` (query/response), `gsm8k` (question/answer), their "
+                                   "`*_reference` twins in the Flat-LoRA reference's `Q: …\\nA: ` layout, "
                                    "`code_feedback` (messages), `wizardlm` (conversations or instruction/output). "
                                    "See `flatlora_diffusion.llm.data`.", choices=TEMPLATE_NAMES)
     config_name: str | None = _f(None, "Hub dataset configuration name, if it has several.")

@@ -17,6 +17,8 @@ token has label -100:
 * ``gsm8k`` — fields ``question``, ``answer`` (GSM8K, and the synthetic set of
   `flatlora_diffusion.llm.synthetic`): the same layout; calculator annotations ``<<48/2=24>>``
   are removed, as the evaluator removes them from its few-shot examples.
+* ``metamath_reference``, ``gsm8k_reference`` — the same fields in the Flat-LoRA reference's layout,
+  ``Q: {query}\nA: {response}</s>``: the prompt of ``python -m eval gsm8k --protocol reference``.
 * ``code_feedback`` — field ``messages``: a list of ``{"role": "user"|"assistant"|"system",
   "content": ...}`` (m-a-p/Code-Feedback, any OpenAI-style chat data), or fields ``query``,
   ``answer`` (m-a-p/CodeFeedback-Filtered-Instruction, the paper's source: the answer is cut after
@@ -83,13 +85,19 @@ def _missing(names: list[str]) -> str:
     return "lacks " + ", ".join(f"`{n}`" for n in names) + " (or it is empty / not text)"
 
 
-def _question_answer(prompt_field: str, answer_field: str, clean: Callable[[str], str] = str.strip):
+PROJECT_PROMPT = "Question: {}\nAnswer: "  # `python -m eval gsm8k` prompts with this, less the last space
+REFERENCE_PROMPT = "Q: {}\nA: "  # the Flat-LoRA reference's layout: `python -m eval gsm8k --protocol reference`
+
+
+def _question_answer(prompt_field: str, answer_field: str, clean: Callable[[str], str] = str.strip,
+                     layout: str = PROJECT_PROMPT):
     def render(row: dict, tokenizer) -> Rendered | str:
         missing = [n for n in (prompt_field, answer_field) if _text_field(row, n) is None]
         if missing:
             return _missing(missing)
-        prompt = f"Question: {row[prompt_field].strip()}\nAnswer:"
-        return Rendered(prompt + " " + clean(row[answer_field]), [(len(prompt), None)], True, True)
+        text = layout.format(row[prompt_field].strip())
+        # Learned from the space on: a tokenizer that joins it to the answer's first word learns that word too.
+        return Rendered(text + clean(row[answer_field]), [(len(text.rstrip(" ")), None)], True, True)
 
     return render
 
@@ -156,6 +164,9 @@ def _wizardlm(row: dict, tokenizer) -> Rendered | str:
 TEMPLATES: dict[str, Callable[[dict, object], Rendered | str | None]] = {
     "metamath": _question_answer("query", "response"),
     "gsm8k": _question_answer("question", "answer", lambda s: _CALCULATOR.sub("", s).strip()),
+    "metamath_reference": _question_answer("query", "response", layout=REFERENCE_PROMPT),
+    "gsm8k_reference": _question_answer("question", "answer", lambda s: _CALCULATOR.sub("", s).strip(),
+                                        layout=REFERENCE_PROMPT),
     "code_feedback": _code_feedback,
     "wizardlm": _wizardlm,
 }
