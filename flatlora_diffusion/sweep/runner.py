@@ -46,7 +46,8 @@ def finished(run_dir: Path) -> bool:
 
 
 def train_time(run_dir: Path) -> float | None:
-    """Seconds the run's training took (`train_seconds.json`, written by the sweep around the trainer)."""
+    """Wall seconds of the trainer process that finished the run (`.SUBJECT.seconds.json` beside it, written by
+    the sweep; a run resumed after a kill counts only its last part)."""
     path = run_dir.parent / f".{run_dir.name}.seconds.json"
     return json.loads(path.read_text())["seconds"] if path.is_file() else None
 
@@ -59,8 +60,7 @@ def _train(config: SweepConfig, key: RunKey, subject: Subject) -> None:
     run_command([sys.executable, "-m", "flatlora_diffusion.dreambooth", *train_flags(config, key, subject)],
                 config.out / "logs" / "train" / f"{key.group}_{key.subject}.log")
     seconds = time.perf_counter() - start
-    if train_time(run_dir) is None:  # a resumed run keeps the time of its first part
-        write_text(run_dir.parent / f".{run_dir.name}.seconds.json", json.dumps({"seconds": round(seconds, 1)}) + "\n")
+    write_text(run_dir.parent / f".{run_dir.name}.seconds.json", json.dumps({"seconds": round(seconds, 1)}) + "\n")
 
 
 def train_all(config: SweepConfig, subjects: list[Subject], progress=None) -> list[RunKey]:
