@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -139,3 +139,10 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def checksums(root: str | Path, folders: Sequence[str]) -> dict[str, str]:
+    """sha256 of every file under `root`/`folders`, keyed by its path relative to `root` (a MANIFEST's record)."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): sha256_file(p) for folder in folders
+            for p in sorted((root / folder).rglob("*")) if p.is_file()}

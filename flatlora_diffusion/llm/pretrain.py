@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from flatlora_diffusion.files import atomic_dir, atomic_open, sha256_file, write_text
+from flatlora_diffusion.files import atomic_dir, atomic_open, checksums, write_text
 from flatlora_diffusion.llm.config import LLMError
 from flatlora_diffusion.llm.language import MAX_OPERAND, document
+from flatlora_diffusion.schedules import warmup_cosine
 
 # The factory's Llama (GQA, untied head, byte tokens), widened so that it can learn arithmetic.
 ARCHITECTURE = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -75,14 +76,6 @@ class PretrainSettings:
             errors.append(f"`length` must be at most {ARCHITECTURE['max_position_embeddings']}, got {self.length}.")
         if errors:
             raise PretrainError(" ".join(errors))
-
-
-def _lr_factor(step: int, total: int) -> float:
-    """Linear warm-up over 3% of the steps, then cosine decay to 10%."""
-    warmup = max(1, int(0.03 * total))
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def batch(tokenizer, settings: PretrainSettings, step: int) -> torch.Tensor:
@@ -151,7 +144,7 @@ def train(model, tokenizer, settings: PretrainSettings, state_file: Path, device
     bar = tqdm(total=total, initial=start, desc="pretrain toy:llama", unit="step", dynamic_ncols=True)
     for step in range(start, stop):
         for group in optimizer.param_groups:
-            group["lr"] = settings.learning_rate * _lr_factor(step, total)
+            group["lr"] = settings.learning_rate * warmup_cosine(step, total)
         ids = batch(tokenizer, settings, step).to(device)
         loss = model(input_ids=ids, labels=ids).loss  # next-token cross-entropy over every position
         loss.backward()
@@ -196,11 +189,6 @@ def equation_accuracy(model, tokenizer, n: int = PROBE, seed: int = 10_007) -> f
     return sum(g.strip() == answer for g, (_, answer) in zip(generations, rows, strict=True)) / n
 
 
-def checksums(root: Path, folder: str = "llama") -> dict[str, str]:
-    """sha256 of every file under `root`/`folder`, keyed by its path relative to `root`."""
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted((root / folder).rglob("*")) if p.is_file()}
-
-
 def pretrain(out_dir: str | Path, settings: PretrainSettings = PretrainSettings(), *, device: str = "cpu",
              resume: bool = False, overwrite: bool = False, threads: int = 1, until: int | None = None) -> Path:
     """Run (or resume) the pretraining into `out_dir`; write `llama/` and `MANIFEST.json`.
@@ -238,7 +226,7 @@ def pretrain(out_dir: str | Path, settings: PretrainSettings = PretrainSettings(
                 "final_loss": result["history"][-1]["loss"], "equation_accuracy": accuracy,
                 "history": result["history"],
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-                "sha256": checksums(out)}
+                "sha256": checksums(out, ("llama",))}
     write_text(out / "MANIFEST.json", json.dumps(manifest, indent=2) + "\n")
     print(f"[pretrain] done: loss {manifest['final_loss']:.4f}, equation accuracy {accuracy:.3f}; {out}/llama",
           file=sys.stderr)

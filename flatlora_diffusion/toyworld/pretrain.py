@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from flatlora_diffusion.files import atomic_dir, atomic_open, sha256_file, write_text
+from flatlora_diffusion.files import atomic_dir, atomic_open, checksums, write_text
+from flatlora_diffusion.schedules import warmup_cosine
 from flatlora_diffusion.toyworld import architectures as arch
 from flatlora_diffusion.toyworld.data import ScenePool, augment, scene_mix
 from flatlora_diffusion.toyworld.oracle import HEADS, Oracle
@@ -99,14 +100,6 @@ def _generator(settings: PretrainSettings, stage: str, step: int) -> torch.Gener
     return torch.Generator().manual_seed(settings.seed * 1_000_003 + STAGES.index(stage) * 100_000_007 + step)
 
 
-def _lr_factor(step: int, total: int) -> float:
-    """Linear warm-up over 3% of the steps, then cosine decay to 10%."""
-    warmup = max(1, int(0.03 * total))
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def _save_state(path: Path, state: dict) -> None:
     with atomic_open(path, "wb") as handle:
         torch.save(state, handle)
@@ -147,7 +140,7 @@ def run_stage(stage: Stage, settings: PretrainSettings, state_dir: Path, *, ema_
     bar = tqdm(total=total, initial=start, desc=f"pretrain {stage.name}", unit="step", dynamic_ncols=True)
     for step in range(start, total):
         for group in stage.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * _lr_factor(step, total)
+            group["lr"] = group["initial_lr"] * warmup_cosine(step, total)
         model.train()
         loss = stage.step_fn(step, _generator(settings, stage.name, step))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -384,12 +377,6 @@ NEEDS = {"unet": ("vae", "clip"), "unet_continued": ("unet",)}
 # The run: folder checks, stages, assembly
 
 
-def checksums(root: Path, folders=("sd", "clip", "vit", "oracle")) -> dict[str, str]:
-    """sha256 of every file under `root`/`folders`, keyed by its path relative to `root`."""
-    return {p.relative_to(root).as_posix(): sha256_file(p) for folder in folders
-            for p in sorted((root / folder).rglob("*")) if p.is_file()}
-
-
 def _check_folder(out: Path, settings: PretrainSettings, resume: bool, overwrite: bool) -> PretrainSettings:
     run_file = out / "state" / "run.json"
     if overwrite and out.exists():
@@ -473,7 +460,7 @@ def pretrain(out_dir: str | Path, settings: PretrainSettings = PretrainSettings(
                 "steps": {stage: settings.steps(stage) for stage in settings.stages()},
                 "results": {stage: {k: v for k, v in report[stage].items() if k != "history"}
                             for stage in settings.stages()},
-                "versions": _versions(), "sha256": checksums(out)}
+                "versions": _versions(), "sha256": checksums(out, ("sd", "clip", "vit", "oracle"))}
     write_text(out / "MANIFEST.json", json.dumps(manifest, indent=2) + "\n")
     print(f"[pretrain] done in {time.monotonic() - started:.0f} s this session; models in {out}", file=sys.stderr)
     return out
