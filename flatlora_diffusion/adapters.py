@@ -3,7 +3,7 @@
 A trainer output folder holds::
 
     pytorch_lora_weights.safetensors        # diffusers format: `pipe.load_lora_weights(folder)` loads it
-    pytorch_lora_weights_kohya.safetensors  # optional, for A1111 / ComfyUI
+    pytorch_lora_weights_kohya.safetensors  # optional, for A1111 / ComfyUI (SD, SDXL, FLUX)
     adapter_info.json                       # the same facts as the weights' metadata, for people and tools
     README.md                               # model card
 
@@ -55,7 +55,7 @@ class AdapterInfo:
 
     path: Path
     name: str
-    model_type: str | None = None  # "sd" | "sdxl"; None for adapters made by other tools
+    model_type: str | None = None  # "sd" | "sdxl" | "sd3" | "flux"; None for adapters made by other tools
     base_model: str | None = None
     prediction_type: str | None = None
     cross_attention_dim: int | None = None
@@ -67,19 +67,24 @@ class AdapterInfo:
     validation_images: list[Path] = field(default_factory=list)
 
     @property
+    def denoiser(self) -> dict[str, Any]:
+        """The summary of the denoiser's adapter (the UNet's or the transformer's)."""
+        return self.components.get("unet") or self.components.get("transformer") or {}
+
+    @property
     def rank(self) -> int | None:
-        """LoRA rank of the UNet adapter."""
-        return self.components.get("unet", {}).get("rank")
+        """LoRA rank of the denoiser adapter."""
+        return self.denoiser.get("rank")
 
     @property
     def alpha(self) -> float | None:
-        """LoRA alpha of the UNet adapter."""
-        return self.components.get("unet", {}).get("alpha")
+        """LoRA alpha of the denoiser adapter."""
+        return self.denoiser.get("alpha")
 
     @property
     def dora(self) -> bool:
-        """Whether the UNet adapter is DoRA."""
-        return bool(self.components.get("unet", {}).get("dora", False))
+        """Whether the denoiser adapter is DoRA."""
+        return bool(self.denoiser.get("dora", False))
 
     @property
     def rho(self) -> float:
@@ -107,23 +112,42 @@ class AdapterInfo:
         return {"format_version": FORMAT_VERSION, **data}
 
 
+# Model type -> (LoRA loader mixin of diffusers.loaders, the pipeline of its model card).
+MODEL_TYPES = {
+    "sdxl": ("StableDiffusionXLLoraLoaderMixin", "StableDiffusionXLPipeline"),
+    "sd": ("StableDiffusionLoraLoaderMixin", "StableDiffusionPipeline"),
+    "sd3": ("SD3LoraLoaderMixin", "StableDiffusion3Pipeline"),
+    "flux": ("FluxLoraLoaderMixin", "FluxPipeline"),
+}
+MODEL_TYPE_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX"}
+
+
 def model_type_of(pipeline_or_class) -> str:
-    """``"sdxl"`` or ``"sd"`` for a diffusers pipeline (instance or class), by its LoRA loader."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+    """``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"`` for a diffusers pipeline (instance or class), by its LoRA loader."""
+    from diffusers import loaders
 
     cls = pipeline_or_class if isinstance(pipeline_or_class, type) else type(pipeline_or_class)
-    if issubclass(cls, StableDiffusionXLLoraLoaderMixin):
-        return "sdxl"
-    if issubclass(cls, StableDiffusionLoraLoaderMixin):
-        return "sd"
-    raise AdapterError(f"`{cls.__name__}` is not a Stable Diffusion or SDXL pipeline; only those are supported.")
+    for model_type, (mixin, _) in MODEL_TYPES.items():  # SDXL first: its loader is not an SD loader, but be safe
+        if issubclass(cls, getattr(loaders, mixin)):
+            return model_type
+    raise AdapterError(f"`{cls.__name__}` is not a Stable Diffusion, SDXL, SD3 or FLUX pipeline; only those are "
+                       "supported.")
+
+
+def denoiser_of(pipe) -> tuple[str, nn.Module]:
+    """The pipeline's denoiser and its component name: ``("unet", pipe.unet)`` or ``("transformer", ...)``."""
+    for name in ("unet", "transformer"):
+        model = getattr(pipe, name, None)
+        if model is not None:
+            return name, model
+    raise AdapterError(f"`{type(pipe).__name__}` has neither a UNet nor a transformer to load LoRA into.")
 
 
 def save_adapter(
     output_dir: str | os.PathLike,
     *,
     pipeline_class: type,
-    unet: nn.Module,
+    denoiser: tuple[str, nn.Module],
     text_encoders: Mapping[str, nn.Module] | None = None,
     base_model: str,
     prediction_type: str,
@@ -134,22 +158,25 @@ def save_adapter(
     adapter_name: str = "default",
     published_as: str | os.PathLike | None = None,
 ) -> AdapterInfo:
-    """Write the LoRA adapter ``adapter_name`` of ``unet`` (and of any LoRA-wrapped text encoders).
+    """Write the LoRA adapter ``adapter_name`` of the denoiser (and of any LoRA-wrapped text encoders).
 
-    ``text_encoders`` maps pipeline component names to modules (``{"text_encoder": te}`` or, for
-    SDXL, also ``"text_encoder_2"``); those without the adapter are skipped. ``lora_config`` (the
+    ``denoiser`` is ``("unet", unet)`` or ``("transformer", transformer)``. ``text_encoders`` maps
+    pipeline component names to modules (``{"text_encoder": te}`` or, for SDXL and SD3, also
+    ``"text_encoder_2"``); those without the adapter are skipped. ``lora_config`` (the
     trainer's LoRA settings), ``flat_lora`` (``FlatLoraConfig.to_dict()`` or None) and ``training``
     (``instance_prompt``, ``steps``, ``seed``, ...) are stored verbatim. ``kohya`` also writes
-    :data:`KOHYA_WEIGHTS_NAME`. Pass unwrapped models (``accelerator.unwrap_model``), not DDP or
+    :data:`KOHYA_WEIGHTS_NAME` (SD, SDXL, FLUX). Pass unwrapped models (``accelerator.unwrap_model``), not DDP or
     compiled wrappers. Each file is written atomically, the weights first. ``published_as``: the
     folder's final path when ``output_dir`` is a temporary one renamed later (for the recorded path).
     """
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    models = {"unet": unet, **{name: te for name, te in (text_encoders or {}).items() if _has_adapter(te, adapter_name)}}
-    if not _has_adapter(unet, adapter_name):
-        raise AdapterError(f"The UNet has no LoRA adapter `{adapter_name}` to save; add it with `unet.add_adapter`.")
+    denoiser_name, model = denoiser
+    models = {denoiser_name: model,
+              **{name: te for name, te in (text_encoders or {}).items() if _has_adapter(te, adapter_name)}}
+    if not _has_adapter(model, adapter_name):
+        raise AdapterError(f"The {denoiser_name} has no LoRA adapter `{adapter_name}` to save; add it with "
+                           f"`{denoiser_name}.add_adapter`.")
     accepted = inspect.signature(pipeline_class.save_lora_weights).parameters
     for name in models:
         if f"{name}_lora_layers" not in accepted:
@@ -159,15 +186,19 @@ def save_adapter(
     configs = {name: _config_dict(model, adapter_name) for name, model in models.items()}
     if kohya and any(cfg.get("use_dora") for cfg in configs.values()):
         raise AdapterError("`--output_kohya_format` does not support DoRA adapters (`--use_dora`); drop one of them.")
+    model_type = model_type_of(pipeline_class)
+    if kohya and model_type not in KOHYA_PREFIXES:
+        raise AdapterError(f"`--output_kohya_format`: there is no kohya format for {MODEL_TYPE_NAMES[model_type]} "
+                           "LoRAs that diffusers reads back; the diffusers file loads in ComfyUI as it is. Drop the flag.")
     out = Path(output_dir)
     location = Path(published_as or out).resolve()
     info = AdapterInfo(
         path=location,
         name=location.name,
-        model_type=model_type_of(pipeline_class),
+        model_type=model_type,
         base_model=str(base_model),
         prediction_type=prediction_type,
-        cross_attention_dim=getattr(getattr(unet, "config", None), "cross_attention_dim", None),
+        cross_attention_dim=getattr(getattr(model, "config", None), "cross_attention_dim", None),
         components={name: _component_summary(cfg) for name, cfg in configs.items()},
         # Through JSON now, so the returned info equals what `read_adapter_info` gives back.
         lora=json.loads(_to_json(dict(lora_config))),
@@ -180,16 +211,28 @@ def save_adapter(
     with files.scratch_dir(out / "adapter") as tmp:
         pipeline_class.save_lora_weights(
             tmp,
-            **{f"{name}_lora_layers": convert_state_dict_to_diffusers(state) for name, state in peft_states.items()},
+            **{f"{name}_lora_layers": file_state_dict(state, model_type) for name, state in peft_states.items()},
             **{f"{name}_lora_adapter_metadata": cfg for name, cfg in configs.items()},
         )
         _copy_with_metadata(tmp / WEIGHTS_NAME, out / WEIGHTS_NAME, {METADATA_KEY: _to_json(info._facts())})
     if kohya:
-        _save_kohya(out / KOHYA_WEIGHTS_NAME, peft_states, models, adapter_name, info)
+        _save_kohya(out / KOHYA_WEIGHTS_NAME, peft_states, models, adapter_name, info, KOHYA_PREFIXES[model_type])
     else:  # a kohya file of an earlier save would no longer match the weights
         (out / KOHYA_WEIGHTS_NAME).unlink(missing_ok=True)
     files.write_text(out / INFO_NAME, _to_json(info.to_dict(), indent=2) + "\n")
     return info
+
+
+def file_state_dict(peft_state: Mapping[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
+    """A component's peft LoRA state under the names of the weights file, the same tensors.
+
+    SD/SDXL files use diffusers' names (``to_q.lora.down.weight``, as its SD/SDXL scripts write);
+    SD3/FLUX files keep peft's (``lora_A``/``lora_B``), as diffusers' SD3/FLUX scripts write and
+    their loaders expect.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    return convert_state_dict_to_diffusers(dict(peft_state)) if model_type in ("sd", "sdxl") else dict(peft_state)
 
 
 def _has_adapter(model: nn.Module, adapter_name: str) -> bool:
@@ -223,7 +266,24 @@ def _copy_with_metadata(source: Path, dest: Path, extra: Mapping[str, str]) -> N
     files.save_safetensors(tensors, dest, {**metadata, **extra})
 
 
-def _save_kohya(path: Path, peft_states, models, adapter_name: str, info: AdapterInfo) -> None:
+# Model type -> key prefix per component in the kohya file. SD 1.x/2.x tools read `lora_te_`, SDXL
+# ones `lora_te1_`/`lora_te2_`. FLUX: kohya-style keys on diffusers' module names (`lora_transformer_`,
+# `lora_te1_` for CLIP), the variant diffusers' `FluxLoraLoaderMixin` converts back
+# (`_convert_kohya_flux_lora_to_diffusers`); diffusers has no converter for SD3 kohya files.
+KOHYA_PREFIXES = {
+    "sd": {"unet": "lora_unet_", "text_encoder": "lora_te_"},
+    "sdxl": {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
+    "flux": {"transformer": "lora_transformer_", "text_encoder": "lora_te1_"},
+}
+
+
+# What `convert_state_dict_to_kohya` makes of each component's name.
+_CONVERTER_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_",
+                       "transformer": "transformer_"}
+
+
+def _save_kohya(path: Path, peft_states, models, adapter_name: str, info: AdapterInfo,
+                prefixes: Mapping[str, str]) -> None:
     """A1111/ComfyUI format via diffusers' converter, with each module's real alpha.
 
     ``convert_state_dict_to_kohya`` writes ``alpha = rank`` for every module, which changes the
@@ -232,15 +292,21 @@ def _save_kohya(path: Path, peft_states, models, adapter_name: str, info: Adapte
     from diffusers.utils import convert_state_dict_to_kohya
     from peft.tuners.lora import LoraLayer
 
-    te_prefix = {"text_encoder": "lora_te1_" if "text_encoder_2" in models else "lora_te_", "text_encoder_2": "lora_te2_"}
-    merged = {f"{name}.{key}": value for name, state in peft_states.items() for key, value in state.items()}
-    kohya_state = convert_state_dict_to_kohya(merged)
-    if "text_encoder_2" not in models:  # SD 1.x/2.x tools expect `lora_te_`, SDXL ones `lora_te1_`/`lora_te2_`
-        kohya_state = {re.sub(r"^lora_te1_", "lora_te_", key): value for key, value in kohya_state.items()}
+    kohya_state = {}
+    for name, state in peft_states.items():  # one component at a time, then its converter prefix replaced by ours
+        converted = convert_state_dict_to_kohya({f"{name}.{key}": value for key, value in state.items()})
+        prefix = _CONVERTER_PREFIXES[name]
+        for key, value in converted.items():
+            module = key.removeprefix(prefix)
+            if name.startswith("text_encoder") and not module.startswith("text_model_"):
+                module = "text_model_" + module  # transformers 5 dropped CLIP's `text_model.`; kohya names keep it
+            kohya_state[prefixes[name] + module] = value
     for name, model in models.items():
-        prefix = "lora_unet_" if name == "unet" else te_prefix[name]
+        prefix = prefixes[name]
         for module_name, module in model.named_modules():
             if isinstance(module, LoraLayer) and adapter_name in module.scaling:
+                if name.startswith("text_encoder") and not module_name.startswith("text_model."):
+                    module_name = "text_model." + module_name
                 key = f"{prefix}{module_name.replace('.', '_')}.alpha"
                 if key not in kohya_state:
                     raise AdapterError(f"Kohya export: no entry for `{module_name}` of the {name} (expected `{key}`).")
@@ -388,8 +454,9 @@ def _unique(name: str, taken: set[str]) -> str:
 def load_adapter(pipe, adapter_dir: str | os.PathLike, adapter_name: str) -> AdapterInfo:
     """Load an adapter folder into ``pipe`` as ``adapter_name`` through ``pipe.load_lora_weights``.
 
-    Refuses, with :class:`AdapterError`, adapters trained for another architecture (SDXL vs SD,
-    or another cross-attention width such as SD 1.x vs 2.x); the pipeline is left unchanged.
+    Refuses, with :class:`AdapterError`, adapters trained for another architecture (any two of SD,
+    SDXL, SD3 and FLUX, or another cross-attention width such as SD 1.x vs 2.x); the pipeline is
+    left unchanged.
     """
     if not isinstance(adapter_name, str) or not _ADAPTER_NAME.match(adapter_name):
         raise AdapterError(f"Adapter name {adapter_name!r} is invalid: use 1-64 letters, digits, `_` or `-`.")
@@ -400,10 +467,10 @@ def load_adapter(pipe, adapter_dir: str | os.PathLike, adapter_name: str) -> Ada
                            "or remove it with `pipe.delete_adapters`.")
     pipe_type = model_type_of(pipe)
     if info.model_type is not None and info.model_type != pipe_type:
-        raise AdapterError(f"Adapter `{info.path}` was trained for {info.model_type.upper()} (base "
-                           f"`{info.base_model}`) but the pipeline is {pipe_type.upper()}; load it into a "
-                           f"{info.model_type.upper()} pipeline.")
-    pipe_dim = pipe.unet.config.cross_attention_dim
+        trained, here = MODEL_TYPE_NAMES.get(info.model_type, info.model_type), MODEL_TYPE_NAMES[pipe_type]
+        raise AdapterError(f"Adapter `{info.path}` was trained for {trained} (base `{info.base_model}`) but the "
+                           f"pipeline is {here}; load it into a {trained} pipeline.")
+    pipe_dim = getattr(denoiser_of(pipe)[1].config, "cross_attention_dim", None)
     if info.cross_attention_dim is not None and info.cross_attention_dim != pipe_dim:
         raise AdapterError(f"Adapter `{info.path}` was trained on a UNet with cross-attention width "
                            f"{info.cross_attention_dim} (base `{info.base_model}`), but this pipeline's is {pipe_dim} "
@@ -440,27 +507,29 @@ def _weight_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _shape_problems(pipe, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
-    """UNet layers of the file (``unet.<layer>.lora.down.weight`` or peft's ``lora_A``) missing or of other widths.
+    """Denoiser layers of the file (``unet.<layer>.lora.down.weight``, ``transformer.<layer>.lora_A.weight``)
+    missing or of other widths.
 
     down/A is (rank, inputs[, k, k]) and up/B (outputs, rank[, 1, 1]), like the layer's own weight
-    (outputs, inputs[, k, k]). A wrong architecture always shows in the UNet; other keys are left to diffusers.
+    (outputs, inputs[, k, k]). A wrong architecture always shows in the denoiser; other keys are left to diffusers.
     """
+    name, denoiser = denoiser_of(pipe)
     problems = []
     for key, shape in shapes.items():
-        if not key.startswith("unet."):
+        if not key.startswith(f"{name}."):
             continue
         for markers, dim, what in (((".lora.down.", ".lora_A."), 1, "inputs"), ((".lora.up.", ".lora_B."), 0, "outputs")):
             marker = next((m for m in markers if m in key), None)
             if marker is None:
                 continue
-            layer = key.removeprefix("unet.").split(marker)[0]
+            layer = key.removeprefix(f"{name}.").split(marker)[0]
             try:
-                width = pipe.unet.get_submodule(layer).weight.shape[dim]  # a peft-wrapped layer: its base weight
+                width = denoiser.get_submodule(layer).weight.shape[dim]  # a peft-wrapped layer: its base weight
             except AttributeError:
-                problems.append(f"layer `unet.{layer}` does not exist here")
+                problems.append(f"layer `{name}.{layer}` does not exist here")
                 continue
             if len(shape) > dim and shape[dim] != width:
-                problems.append(f"`unet.{layer}` has {shape[dim]} {what} in the adapter, {width} here")
+                problems.append(f"`{name}.{layer}` has {shape[dim]} {what} in the adapter, {width} here")
     return problems
 
 
@@ -468,7 +537,7 @@ def _components_without_weights(pipe, shapes: Mapping[str, tuple[int, ...]]) -> 
     """The pipeline's text encoders the file has no weights for (none when it is in kohya format)."""
     if any(key.startswith("lora_te") for key in shapes):
         return []
-    return [name for name in ("text_encoder", "text_encoder_2")
+    return [name for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
             if getattr(pipe, name, None) is not None and not any(key.startswith(f"{name}.") for key in shapes)]
 
 
@@ -507,6 +576,7 @@ def _how_to_use(info: AdapterInfo, pipeline: str, adapter: str) -> list[str]:
     """Python that runs when copied: the base by an id `from_pretrained` takes, a dtype that fits the device."""
     base = info.base_model or "BASE_MODEL"
     builtin = base.startswith(("toy:", "tiny:"))  # flatlora_diffusion's ids: resolved to their local folder
+    half = "bfloat16" if info.model_type in ("sd3", "flux") else "float16"  # FLUX overflows fp16
     return [
         "```python",
         "import torch",
@@ -515,7 +585,7 @@ def _how_to_use(info: AdapterInfo, pipeline: str, adapter: str) -> list[str]:
           if builtin else []),
         "",
         "device = \"cuda\" if torch.cuda.is_available() else \"cpu\"",
-        "dtype = torch.float16 if device == \"cuda\" else torch.float32  # half precision needs a GPU",
+        f"dtype = torch.{half} if device == \"cuda\" else torch.float32  # half precision needs a GPU",
         f"pipe = {pipeline}.from_pretrained({f'resolve_model_id({base!r})' if builtin else repr(base)}, "
         "torch_dtype=dtype).to(device)",
         f"pipe.load_lora_weights({adapter!r})",
@@ -532,12 +602,11 @@ def _is_hub_id(name: str | None) -> bool:
 
 def _card_text(info: AdapterInfo, adapter: str) -> str:
     prompt = info.training.get("instance_prompt", "")
-    pipeline = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}.get(info.model_type or "",
-                                                                                          "DiffusionPipeline")
+    pipeline = MODEL_TYPES.get(info.model_type or "", (None, "DiffusionPipeline"))[1]
     method = f"Flat-LoRA (ρ = {info.rho}, {info.schedule} schedule)" if info.rho else "LoRA"
     rows = [
         ("Base model", f"`{info.base_model}`"),
-        ("Model type", (info.model_type or "?").upper()),
+        ("Model type", MODEL_TYPE_NAMES.get(info.model_type or "", "?")),
         ("Prediction type", info.prediction_type),
         ("Instance prompt", f"`{prompt}`" if prompt else "—"),
         ("Method", method),
@@ -545,7 +614,7 @@ def _card_text(info: AdapterInfo, adapter: str) -> str:
         ("Flat-LoRA schedule", info.schedule or "—"),
         *[(f"{name}: rank / alpha", f"{c.get('rank')} / {c.get('alpha')}" + (" (DoRA)" if c.get("dora") else ""))
           for name, c in info.components.items()],
-        ("UNet targets", ", ".join(f"`{t}`" for t in info.components.get("unet", {}).get("target_modules", []))),
+        ("Denoiser targets", ", ".join(f"`{t}`" for t in info.denoiser.get("target_modules", []))),
         *[(key.replace("_", " ").capitalize(), value) for key, value in sorted(info.training.items())
           if key != "instance_prompt"],
     ]

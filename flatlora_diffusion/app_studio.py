@@ -33,9 +33,11 @@ import torch
 from PIL import Image
 
 from flatlora_diffusion.adapters import (
+    MODEL_TYPE_NAMES,
     WEIGHTS_NAME,
     AdapterError,
     AdapterInfo,
+    denoiser_of,
     find_adapters,
     load_adapter,
     model_type_of,
@@ -44,8 +46,10 @@ from flatlora_diffusion.sampling import (
     SCHEDULERS,
     GenerationStopped,
     SampleSettings,
+    compatible_schedulers,
     generate,
     load_pipeline,
+    native_size,
     save_images,
 )
 
@@ -143,7 +147,8 @@ class Studio:
         self.base_label = model_label(self.base_model)  # what the page and the PNGs show
         self.model_type = model_type_of(pipe)
         self.adapter_roots = [Path(root) for root in adapter_roots]
-        self.native_size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        self.native_size = native_size(pipe)
+        self.schedulers = compatible_schedulers(pipe)  # the samplers this base can use besides its own
         # The model's own size is always allowed (SDXL: 1024 px even under `--max-size 512`).
         self.limits = replace(limits, max_side=max(limits.max_side, self.native_size))
         self._own_out_dir = out_dir is None
@@ -186,9 +191,10 @@ class Studio:
     def problem(self, info: AdapterInfo) -> str | None:
         """Why ``info`` cannot be used with this base (architecture), or None."""
         if info.model_type is not None and info.model_type != self.model_type:
-            return (f"trained for {info.model_type.upper()}; this app's base is {self.model_type.upper()} — "
+            trained, here = MODEL_TYPE_NAMES.get(info.model_type, info.model_type), MODEL_TYPE_NAMES[self.model_type]
+            return (f"trained for {trained}; this app's base is {here} — "
                     f"start the app with `--base` set to its base model, `{model_label(info.base_model)}`")
-        dim = self.pipe.unet.config.cross_attention_dim
+        dim = getattr(denoiser_of(self.pipe)[1].config, "cross_attention_dim", None)
         if info.cross_attention_dim is not None and info.cross_attention_dim != dim:
             return f"trained on a UNet with cross-attention width {info.cross_attention_dim}; this base's is {dim}"
         return None
@@ -288,6 +294,9 @@ class Studio:
         if scheduler not in (None, DEFAULT_SCHEDULER, *SCHEDULERS):
             errors.append(f"`scheduler` must be one of {DEFAULT_SCHEDULER}, {', '.join(SCHEDULERS)}; "
                           f"got {str(scheduler)[:40]!r}.")
+        elif scheduler in SCHEDULERS and scheduler not in self.schedulers:
+            errors.append(f"`scheduler` {scheduler} does not work with this base (a flow-matching model); use "
+                          f"{', '.join([DEFAULT_SCHEDULER, *self.schedulers])}.")
         if errors:
             raise StudioError("Invalid request:\n" + "\n".join(f"- {e}" for e in errors))
         try:

@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from functools import wraps
 
 from flatlora_diffusion.app_studio import DEFAULT_SCHEDULER, TRAIN_HINT, Limits, Studio, StudioError
-from flatlora_diffusion.sampling import SCHEDULERS
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +128,7 @@ def build_demo(studio: Studio):
                     height = gr.Slider(64, lim.max_side, value=native, step=8, label="Height")
                 with gr.Row():
                     num_images = gr.Slider(1, lim.max_images, value=1, step=1, label="Images (per column)")
-                    scheduler = gr.Dropdown([DEFAULT_SCHEDULER, *SCHEDULERS], value=DEFAULT_SCHEDULER,
+                    scheduler = gr.Dropdown([DEFAULT_SCHEDULER, *studio.schedulers], value=DEFAULT_SCHEDULER,
                                             label="Scheduler")
             with gr.Column(scale=3):
                 gallery = gr.Gallery(label="Images", elem_id="gallery", columns=2, height=420, object_fit="contain",

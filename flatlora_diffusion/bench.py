@@ -1,8 +1,13 @@
-"""Benchmark of the Flat-LoRA core: cost of one UNet training step against plain LoRA.
+"""Benchmark of the Flat-LoRA core: cost of one denoiser training step against plain LoRA.
 
     python -m flatlora_diffusion.bench --arch sd15 --resolution 256 --json bench.json
+    python -m flatlora_diffusion.bench --arch flux --depth 2 --resolution 256 --json flux.json   # CPU
+    python -m flatlora_diffusion.bench --arch flux --device cuda --resolution 1024 --json flux.json  # GPU
 
-Times, interleaved in one process, a training step (forward, backward, AdamW) of a UNet with random weights and LoRA on ``to_q,to_k,to_v,to_out.0`` under:
+Times, interleaved in one process, a training step (forward, backward, AdamW) of a denoiser with
+random weights of a real architecture (``sd15``, ``sdxl`` UNets; ``sd3``: the SD3.5 Medium MM-DiT,
+``flux``: the FLUX.1-dev transformer) and LoRA on its attention projections (``to_q,to_k,to_v,to_out.0``;
+SD3/FLUX also ``add_q_proj,add_k_proj,add_v_proj,to_add_out``) under:
 
 * ``lora``: plain peft LoRA;
 * ``flat``: this project's Flat-LoRA with its default sampler (``auto``: ``pooled`` on CPU,
@@ -15,7 +20,10 @@ Each step of another variant is paired with an adjacent LoRA step (alternating w
 ``ratio`` is the median of the paired flat/lora ratios. Peak resident memory of the training steps
 of ``lora`` and ``flat`` is measured each in its own process, and the bf16
 check runs Flat-LoRA steps on a bf16 copy of the same UNet and compares every base weight.
-Noise is at full strength (constant schedule) from the first step: the worst case. ``ratio`` is
+Noise is at full strength (constant schedule) from the first step: the worst case. The
+transformers are built on the meta device and materialised in the benchmark's dtype on the target
+device (no fp32 copy first: FLUX's 12 B parameters would not fit a CPU's memory); ``--depth N``
+keeps the first N (FLUX: N double- and 2N single-stream) blocks at the real width, for CPUs. ``ratio`` is
 reported against ``target_ratio`` (1.03 here, 1.10 for ``--mode trainer``); ``ops_per_step``
 counts torch operator calls and Python calls into the core for one step of each variant.
 
@@ -52,6 +60,7 @@ from flatlora_diffusion.flat_lora import (
 )
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+DIT_TARGETS = [*TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 VARIANTS = ("lora", "flat", "flat_gaussian", "reference")
 TRAINER_TARGET = 1.10  # whole trainer step, Flat-LoRA over LoRA, at the toy/tiny scale (issue 10)
 CORE_TARGET = 1.03  # UNet step of SD1.5 at 256 px on CPU
@@ -70,6 +79,77 @@ UNET_CONFIGS = {
 }
 
 
+# The transformers' `config.json` (SD3.5 Medium; FLUX.1-dev), and the text tokens their pipelines feed.
+TRANSFORMER_CONFIGS = {
+    "sd3": ("SD3Transformer2DModel", {
+        "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+        "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+        "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
+        "dual_attention_layers": tuple(range(13)), "qk_norm": "rms_norm"}),
+    "flux": ("FluxTransformer2DModel", {
+        "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+        "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+        "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)}),
+}
+TEXT_TOKENS = {"sd3": 77 + 77, "flux": 512}  # SD3: CLIP's 77 + T5's 77 (diffusers' script); FLUX: T5's 512
+ARCHS = ("sd15", "sdxl", "sd3", "flux", "tiny")
+
+
+def targets_of(arch: str) -> list[str]:
+    """The LoRA targets of ``arch``'s denoiser."""
+    return DIT_TARGETS if arch in TRANSFORMER_CONFIGS else TARGETS
+
+
+def build_denoiser(arch: str, resolution: int, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                   depth: int | None = None):
+    """The denoiser of ``arch`` with random weights (seeded), and the inputs its forward needs."""
+    if arch in TRANSFORMER_CONFIGS:
+        return build_transformer(arch, resolution, dtype, device, depth)
+    if depth is not None:
+        raise ValueError("`--depth` applies to the transformers (`--arch sd3|flux`).")
+    return build_unet(arch, resolution, dtype, device)
+
+
+def build_transformer(arch: str, resolution: int, dtype: torch.dtype, device: str, depth: int | None = None):
+    """SD3/FLUX transformer: built on the meta device, materialised in ``dtype`` on ``device``, N(0, 0.02) weights."""
+    import diffusers
+
+    class_name, config = TRANSFORMER_CONFIGS[arch]
+    config = dict(config)
+    if depth is not None:
+        config["num_layers"] = depth
+        if arch == "flux":
+            config["num_single_layers"] = 2 * depth
+        else:
+            config["dual_attention_layers"] = tuple(i for i in config["dual_attention_layers"] if i < depth)
+    with torch.device("meta"):
+        model = getattr(diffusers, class_name)(**config)
+    model = model.to(dtype).to_empty(device=device).requires_grad_(False)
+    gen = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.02, generator=gen)
+        for buffer in model.buffers():  # SD3's positional table (FLUX computes RoPE on the fly)
+            buffer.normal_(0.0, 0.02, generator=gen)
+    like = {"dtype": dtype, "device": device}
+    latent = resolution // 8
+    text = torch.randn(1, TEXT_TOKENS[arch], config["joint_attention_dim"], **like)
+    pooled = torch.randn(1, config["pooled_projection_dim"], **like)
+    if arch == "sd3":
+        inputs = {"hidden_states": torch.randn(1, 16, latent, latent, **like), "encoder_hidden_states": text,
+                  "pooled_projections": pooled, "timestep": torch.tensor([500.0], device=device)}
+    else:  # packed 2x2 latents with their position ids, as FluxPipeline
+        from diffusers import FluxPipeline
+
+        side = latent // 2
+        inputs = {"hidden_states": torch.randn(1, side * side, 64, **like), "encoder_hidden_states": text,
+                  "pooled_projections": pooled, "timestep": torch.tensor([0.5], device=device),
+                  "img_ids": FluxPipeline._prepare_latent_image_ids(1, side, side, device, dtype),
+                  "txt_ids": torch.zeros(TEXT_TOKENS[arch], 3, **like),
+                  "guidance": torch.tensor([3.5], device=device)}
+    return model, inputs
+
+
 def build_unet(arch: str, resolution: int, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A UNet of ``arch`` with random weights (seeded), and the extra inputs its forward needs."""
     from diffusers import UNet2DConditionModel
@@ -85,7 +165,7 @@ def build_unet(arch: str, resolution: int, dtype: torch.dtype = torch.float32, d
             path = build_tiny("sd", Path(tmp) / "sd")
             unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
     else:
-        raise ValueError(f"`--arch` must be one of sd15, sdxl, tiny; got {arch!r}.")
+        raise ValueError(f"`--arch` must be one of {', '.join(ARCHS)}; got {arch!r}.")
     unet.to(device=device, dtype=dtype).requires_grad_(False)
     cfg = unet.config
     like = {"dtype": dtype, "device": device}
@@ -102,10 +182,10 @@ def build_unet(arch: str, resolution: int, dtype: torch.dtype = torch.float32, d
     return unet, inputs
 
 
-def add_lora(unet, rank: int) -> list[torch.nn.Parameter]:
+def add_lora(model, rank: int, targets: list[str] = TARGETS) -> list[torch.nn.Parameter]:
     """LoRA on the attention projections (fp32 parameters); returns the trainable parameters."""
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGETS))
-    params = [p for p in unet.parameters() if p.requires_grad]
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
+    params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
     return params
@@ -141,21 +221,21 @@ class ReferencePerturbation:
 
 
 class StepRunner:
-    """One UNet with LoRA, able to run a training step under each variant."""
+    """One denoiser with LoRA, able to run a training step under each variant."""
 
     def __init__(self, arch: str, resolution: int, rank: int, rho: float, dtype: torch.dtype = torch.float32,
-                 device: str = "cpu"):
-        self.unet, self.inputs = build_unet(arch, resolution, dtype, device)
+                 device: str = "cpu", depth: int | None = None):
+        self.model, self.inputs = build_denoiser(arch, resolution, dtype, device, depth)
         self.device = device
-        self.params = add_lora(self.unet, rank)
-        self.unet.train()
+        self.params = add_lora(self.model, rank, targets_of(arch))
+        self.model.train()
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
         self.rho = rho
-        self.reference = ReferencePerturbation(self.unet, rho)
+        self.reference = ReferencePerturbation(self.model, rho)
         self.step = 0
 
     def _train_step(self) -> None:
-        out = self.unet(**self.inputs).sample
+        out = self.model(**self.inputs).sample
         loss = torch.nn.functional.mse_loss(out.float(), torch.zeros_like(out, dtype=torch.float32))
         loss.backward()
         self.optimizer.step()
@@ -189,7 +269,7 @@ class StepRunner:
         if variant not in ("flat", "flat_gaussian"):
             return None
         sampler = "auto" if variant == "flat" else "gaussian"  # the default: `pooled` on CPU
-        return FlatLoraPerturber(self.unet, FlatLoraConfig(rho=self.rho, schedule="constant", sampler=sampler))
+        return FlatLoraPerturber(self.model, FlatLoraConfig(rho=self.rho, schedule="constant", sampler=sampler))
 
     def _step(self, variant: str, perturber: FlatLoraPerturber | None) -> None:
         if perturber is not None:
@@ -233,18 +313,19 @@ def peak_memory_mb(variant: str, args: argparse.Namespace) -> float:
     """Peak memory (CPU: resident set; CUDA: allocated) of a fresh process running ``variant`` only."""
     cmd = [sys.executable, "-m", "flatlora_diffusion.bench", "--arch", args.arch, "--resolution",
            str(args.resolution), "--rank", str(args.rank), "--rho", str(args.rho), "--device", args.device,
-           "--_peak-rss", variant]
+           *(["--depth", str(args.depth)] if args.depth else []), "--_peak-rss", variant]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
 
 def bf16_base_unchanged(args: argparse.Namespace) -> bool:
-    """Flat-LoRA steps on a bf16 UNet leave every base weight bit-identical."""
-    runner = StepRunner(args.arch, min(args.resolution, 128), args.rank, args.rho, torch.bfloat16, args.device)
-    before = {n: p.clone() for n, p in runner.unet.named_parameters() if not p.requires_grad}
+    """Flat-LoRA steps on a bf16 denoiser leave every base weight bit-identical."""
+    runner = StepRunner(args.arch, min(args.resolution, 128), args.rank, args.rho, torch.bfloat16, args.device,
+                        args.depth)
+    before = {n: p.clone() for n, p in runner.model.named_parameters() if not p.requires_grad}
     for _ in range(2):
         runner.run("flat")
-    return all(torch.equal(before[n], p) for n, p in runner.unet.named_parameters() if not p.requires_grad)
+    return all(torch.equal(before[n], p) for n, p in runner.model.named_parameters() if not p.requires_grad)
 
 
 def _rss_worker(args: argparse.Namespace) -> None:
@@ -253,7 +334,7 @@ def _rss_worker(args: argparse.Namespace) -> None:
     The warm-up step allocates the optimiser state; then the peak counter restarts (Linux
     ``clear_refs`` 5, or ``reset_peak_memory_stats`` on CUDA), so construction does not mask it.
     """
-    runner = StepRunner(args.arch, args.resolution, args.rank, args.rho, device=args.device)
+    runner = StepRunner(args.arch, args.resolution, args.rank, args.rho, args.dtype, args.device, args.depth)
     runner.run(args._peak_rss)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -269,16 +350,17 @@ def _rss_worker(args: argparse.Namespace) -> None:
 
 
 def target_sizes(arch: str) -> list[int]:
-    """Weights of each LoRA-targeted linear of ``arch``'s UNet (built on the meta device: no memory)."""
-    from diffusers import UNet2DConditionModel
+    """Weights of each LoRA-targeted linear of ``arch``'s denoiser (built on the meta device: no memory)."""
+    import diffusers
 
     if arch == "tiny":
-        unet, _ = build_unet("tiny", 64)
+        model, _ = build_unet("tiny", 64)
     else:
+        class_name, config = TRANSFORMER_CONFIGS.get(arch, ("UNet2DConditionModel", UNET_CONFIGS.get(arch)))
         with torch.device("meta"):
-            unet = UNet2DConditionModel(**UNET_CONFIGS[arch])
-    return [m.weight.numel() for name, m in unet.named_modules()
-            if isinstance(m, torch.nn.Linear) and name.endswith(tuple(TARGETS))]
+            model = getattr(diffusers, class_name)(**config)
+    return [m.weight.numel() for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.endswith(tuple(targets_of(arch)))]
 
 
 def abs_corr_worst_shift(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -366,11 +448,12 @@ def trainer_benchmark(args: argparse.Namespace) -> dict:
                 runner.run(variant)
         times, ratios = time_variants(runner, args.steps, tuple(trainers))
         ops = {variant: ops_per_step(functools.partial(runner.run, variant)) for variant in trainers}
-    layers = len(trainers["flat"].perturbers["unet"].layers) if trainers["flat"].perturbers else 0
+    flat = trainers["flat"]
+    layers = len(flat.perturbers[flat.denoiser].layers) if flat.perturbers else 0
     result = {
         "mode": "trainer", "model": args.model, "resolution": args.resolution, "batch_size": args.batch_size,
         "rank": args.rank, "rho": args.rho, "mixed_precision": args.mixed_precision, "steps": args.steps,
-        "lora_layers": layers, "flat_sampler": trainers["flat"].perturbers["unet"].sampler_name,
+        "lora_layers": layers, "flat_sampler": flat.perturbers[flat.denoiser].sampler_name,
         "lora_step_s": statistics.median(times["lora"]), "flat_step_s": statistics.median(times["flat"]),
         "ratio": statistics.median(ratios["flat"]), "target_ratio": TRAINER_TARGET,
         "within_target": statistics.median(ratios["flat"]) <= TRAINER_TARGET,
@@ -451,7 +534,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="tiny:sd", help="trainer mode: base pipeline (hub id, folder or tiny:sd)")
     parser.add_argument("--batch_size", type=int, default=1, help="trainer mode: images per step")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="trainer mode")
-    parser.add_argument("--arch", default="sd15", choices=["sd15", "sdxl", "tiny"])
+    parser.add_argument("--arch", default="sd15", choices=ARCHS,
+                        help="denoiser: SD1.5 / SDXL UNet, SD3.5 Medium / FLUX.1-dev transformer, or tiny:sd's UNet")
+    parser.add_argument("--depth", type=int, help="sd3/flux: keep the first N blocks (FLUX: N double, 2N single), "
+                                                  "real width; for CPUs, where FLUX's 12 B parameters do not fit")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
+                        help="weights of the core benchmark (default: fp32 for UNets, bf16 for sd3/flux)")
     parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (latent = /8)")
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--rho", type=float, default=0.05)
@@ -464,6 +552,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.resolution % 8:
         parser.error(f"`--resolution` must be a multiple of 8, got {args.resolution}.")
+    if args.arch in TRANSFORMER_CONFIGS and args.resolution % 16:
+        parser.error(f"`--resolution` must be a multiple of 16 for `--arch {args.arch}` (2x2 latent patches).")
+    if args.depth is not None and (args.arch not in TRANSFORMER_CONFIGS or args.depth < 1):
+        parser.error("`--depth` must be a positive number of blocks, with `--arch sd3` or `flux`.")
+    default_dtype = "bf16" if args.arch in TRANSFORMER_CONFIGS else "fp32"
+    args.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or default_dtype]
     variants = tuple(v for v in args.variants.split(",") if v)
     if "lora" not in variants or set(variants) - set(VARIANTS):
         parser.error(f"`--variants` must include `lora` and only name {', '.join(VARIANTS)}; got {args.variants!r}.")
@@ -484,8 +578,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("`--device cuda` needs a CUDA build of torch and a GPU; none is available here.")
-    print(f"Building {args.arch} UNet at {args.resolution}px, LoRA r={args.rank} on {','.join(TARGETS)} ...", flush=True)
-    runner = StepRunner(args.arch, args.resolution, args.rank, args.rho, device=args.device)
+    print(f"Building {args.arch} denoiser at {args.resolution}px, LoRA r={args.rank} on "
+          f"{','.join(targets_of(args.arch))} ...", flush=True)
+    runner = StepRunner(args.arch, args.resolution, args.rank, args.rho, args.dtype, args.device, args.depth)
     n_layers = len(runner.reference.layers)
     n_weights = sum(m.get_base_layer().weight.numel() for m in runner.reference.layers)
     times, ratios = time_variants(runner, args.steps, variants)
@@ -493,8 +588,8 @@ def main(argv: list[str] | None = None) -> dict:
     del runner
     ratio = statistics.median(ratios["flat"]) if "flat" in ratios else None
     result: dict = {
-        "arch": args.arch, "resolution": args.resolution, "rank": args.rank, "rho": args.rho, "steps": args.steps,
-        "lora_layers": n_layers, "perturbed_weights": n_weights, "flat_sampler": resolve_sampler("auto", {
+        "arch": args.arch, "depth": args.depth, "dtype": str(args.dtype).removeprefix("torch."),
+        "resolution": args.resolution, "rank": args.rank, "rho": args.rho, "steps": args.steps, "lora_layers": n_layers, "perturbed_weights": n_weights, "flat_sampler": resolve_sampler("auto", {
             torch.device(args.device)}),
         **{f"{v}_step_s": statistics.median(times[v]) for v in variants},
         "ratio": ratio, "target_ratio": CORE_TARGET, "within_target": None if ratio is None else ratio <= CORE_TARGET,

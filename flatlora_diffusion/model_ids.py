@@ -1,6 +1,6 @@
 """Built-in model ids, resolved to local folders that load with the usual `from_pretrained` calls.
 
-* ``tiny:sd``, ``tiny:sd-v``, ``tiny:sdxl``: tiny random pipelines (`flatlora_diffusion.tiny`, seed 0),
+* ``tiny:sd``, ``tiny:sd-v``, ``tiny:sdxl``, ``tiny:sd3``, ``tiny:flux``: tiny random pipelines (`flatlora_diffusion.tiny`, seed 0),
   built on first use into ``$FLATLORA_CACHE`` (default ``~/.cache/flatlora_diffusion``); for fast tests
   of code paths.
 * ``toy:sd``, ``toy:clip``, ``toy:vit``, ``toy:oracle``: the pretrained toy world shipped in the package
@@ -18,8 +18,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# `tiny:NAME` -> (tiny.py kind, prediction type).
-TINY_MODELS = {"tiny:sd": ("sd", "epsilon"), "tiny:sd-v": ("sd", "v_prediction"), "tiny:sdxl": ("sdxl", "epsilon")}
+# `tiny:NAME` -> (tiny.py kind, its builder's options).
+TINY_MODELS = {"tiny:sd": ("sd", {"prediction_type": "epsilon"}), "tiny:sd-v": ("sd", {"prediction_type": "v_prediction"}),
+               "tiny:sdxl": ("sdxl", {"prediction_type": "epsilon"}), "tiny:sd3": ("sd3", {}), "tiny:flux": ("flux", {})}
 
 
 class ModelIdError(ValueError):
@@ -53,6 +54,6 @@ def resolve_model_id(name: str, flag: str = "model") -> str:
     if not (path / "model_index.json").is_file():
         from flatlora_diffusion.tiny import build_tiny
 
-        kind, prediction_type = TINY_MODELS[name]
-        build_tiny(kind, path, seed=0, prediction_type=prediction_type, overwrite=True)
+        kind, options = TINY_MODELS[name]
+        build_tiny(kind, path, seed=0, overwrite=True, **options)
     return str(path)

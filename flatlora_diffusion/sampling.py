@@ -105,6 +105,14 @@ def load_pipeline(
     return pipe.to(device)
 
 
+def native_size(pipe) -> int:
+    """The side in pixels the pipeline generates when no size is given (SD 1.5: 512, SDXL/SD3/FLUX: 1024)."""
+    from flatlora_diffusion.adapters import denoiser_of
+
+    latent = getattr(pipe, "default_sample_size", None) or denoiser_of(pipe)[1].config.sample_size
+    return int(latent) * int(pipe.vae_scale_factor)
+
+
 def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     """diffusers >= 0.42 names the argument `dtype` (`torch_dtype` is deprecated); older ones `torch_dtype`."""
     import diffusers
@@ -120,6 +128,14 @@ def _load_vae(vae_class, vae: str | os.PathLike, dtype: torch.dtype, revision: s
         raise PipelineLoadError(f"Could not load the VAE `{vae}`: {err}. Pass an `AutoencoderKL` folder or Hub id.") from err
 
 
+def compatible_schedulers(pipe) -> list[str]:
+    """The names in :data:`SCHEDULERS` that work with ``pipe`` (none for flow-matching SD3/FLUX)."""
+    import diffusers
+
+    return [name for name, (class_name, _) in SCHEDULERS.items()
+            if getattr(diffusers, class_name) in pipe.scheduler.compatibles]
+
+
 def set_scheduler(pipe, name: str) -> None:
     """Replace ``pipe.scheduler`` by scheduler ``name`` (a key of :data:`SCHEDULERS`), same config."""
     import diffusers
@@ -127,7 +143,11 @@ def set_scheduler(pipe, name: str) -> None:
     if name not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler `{name}`; choose one of {', '.join(SCHEDULERS)}.")
     class_name, overrides = SCHEDULERS[name]
-    pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
+    scheduler_class = getattr(diffusers, class_name)
+    if scheduler_class not in pipe.scheduler.compatibles:
+        raise ValueError(f"Scheduler `{name}` does not work with this model's `{type(pipe.scheduler).__name__}` "
+                         "(SD3 and FLUX are flow-matching models); keep the model's own scheduler.")
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **overrides)
 
 
 @dataclass
@@ -279,7 +299,7 @@ def generate(
 def pipeline_from_models(
     base: str | os.PathLike,
     *,
-    unet: nn.Module,
+    denoiser: Mapping[str, nn.Module],
     text_encoders: Mapping[str, nn.Module] | None = None,
     vae: str | os.PathLike | nn.Module | None = None,
     device: str | torch.device = "cpu",
@@ -289,12 +309,13 @@ def pipeline_from_models(
 ):
     """A pipeline around the in-memory models being trained (for validation during training).
 
-    Only the remaining parts (VAE unless given, tokenizers, scheduler) are read from ``base``; the
-    pipeline holds references to ``unet`` and ``text_encoders``, so it can be built once and reused:
-    later calls of :func:`generate_validation` see the current weights.
+    ``denoiser`` is ``{"unet": unet}`` or ``{"transformer": transformer}``. Only the remaining parts
+    (VAE unless given, tokenizers, frozen text encoders not passed, scheduler) are read from ``base``;
+    the pipeline holds references to the passed models, so it can be built once and reused: later
+    calls of :func:`generate_validation` see the current weights.
     ``dtype`` is the dtype of the parts read from disk: use the dtype of the in-memory models.
     """
-    components = {"unet": unet, **(text_encoders or {})}
+    components = {**denoiser, **(text_encoders or {})}
     return load_pipeline(base, device=device, dtype=dtype, revision=revision, variant=variant, vae=vae,
                          components=components)
 

@@ -5,12 +5,14 @@ Each builder writes a complete model folder that loads offline through the same
 real code paths in seconds without downloading weights::
 
     python -m flatlora_diffusion.tiny sd OUT_DIR [--seed N] [--prediction_type v_prediction]
-    python -m flatlora_diffusion.tiny {sdxl,clip,dino,llama} OUT_DIR [--seed N] [--overwrite]
+    python -m flatlora_diffusion.tiny {sdxl,sd3,flux,clip,dino,llama} OUT_DIR [--seed N] [--overwrite]
 
 The models are small but structurally real: SD-style UNets with ``to_q/to_k/to_v/to_out.0``
 attention projections, CLIP text encoders with ``q_proj/k_proj/v_proj/out_proj``, a 4-block
-(8x) VAE with 4 latent channels and the real scaling factors, and a GQA Llama. The same seed
-writes byte-identical weight files.
+(8x) VAE with 4 latent channels and the real scaling factors, and a GQA Llama. The SD3 and FLUX
+pipelines have MM-DiT transformers with joint attention (``add_q_proj``, ..., ``to_add_out``),
+a 16-channel VAE with the real shift and scaling factors, CLIP encoders and a T5 encoder with a
+character-level (Unigram) T5 tokenizer. The same seed writes byte-identical weight files.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ import torch
 
 from flatlora_diffusion import files
 
-KINDS = ("sd", "sdxl", "clip", "dino", "llama")
+KINDS = ("sd", "sdxl", "sd3", "flux", "clip", "dino", "llama")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 # Latent side of the UNets: with the 8x VAE the pipelines' default resolution is 8 * 8 = 64 px.
 _LATENT_SIZE = 8
 _CLIP_MAX_LENGTH = 77  # as every real CLIP tokenizer; without it truncation overflows
 _CLIP_BOS, _CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+_T5_MAX_LENGTH = 512  # SD3/FLUX pipelines take `max_sequence_length` tokens of T5 (<= 512)
 # Beta schedule shared by SD 1.x/2.x and SDXL.
 _SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 _LLAMA_SPECIALS = ("<s>", "</s>", "<pad>")
@@ -94,10 +97,12 @@ def _clip_text_config(tokenizer, hidden_size: int, hidden_act: str):
     )
 
 
-def _vae(scaling_factor: float):
-    """A 4-block VAE: 8x downsampling and 4 latent channels like SD's, with tiny widths."""
+def _vae(scaling_factor: float, latent_channels: int = 4, shift_factor: float | None = None):
+    """A 4-block VAE: 8x downsampling like SD's, with tiny widths. SD3/FLUX: 16 latent channels,
+    a shift factor and no (post-)quantisation convolutions, as their VAEs."""
     from diffusers import AutoencoderKL
 
+    dit = shift_factor is not None
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -105,11 +110,45 @@ def _vae(scaling_factor: float):
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 32, 32),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=_LATENT_SIZE * 8,
         scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=not dit,
+        use_post_quant_conv=not dit,
     )
+
+
+def _t5_tokenizer():
+    """Character-level T5 tokenizer (a Unigram model, as T5's): pad 0, eos 1, unk 2, like the real one."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    start = "\u2581"  # SentencePiece's word-start mark
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), (start, -1.0)]
+    vocab += [(c, -2.0) for c in chars] + [(start + c, -1.5) for c in chars]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                          special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=_T5_MAX_LENGTH)
+
+
+def _t5_encoder(tokenizer, d_model: int):
+    """A 2-layer, 2-head `T5EncoderModel` sized to `tokenizer`."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // 2, d_ff=2 * d_model, num_layers=2,
+                      num_heads=2, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return T5EncoderModel(config)
 
 
 def build_tiny_sd(
@@ -210,6 +249,88 @@ def build_tiny_sdxl(
             scheduler=scheduler,
             force_zeros_for_empty_prompt=True,
             add_watermarker=False,
+        )
+        pipe.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def build_tiny_sd3(out_dir: str | Path, seed: int = 0, *, overwrite: bool = False) -> Path:
+    """Write a tiny `StableDiffusion3Pipeline`: two CLIP encoders with projection, a T5 encoder, an
+    MM-DiT `SD3Transformer2DModel` and a 16-channel VAE with SD3's shift and scaling factors."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    with _atomic_dir(out_dir, overwrite) as tmp, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer, tokenizer_2, tokenizer_3 = _clip_tokenizer(), _clip_tokenizer(pad_token="!"), _t5_tokenizer()
+        text_encoder = CLIPTextModelWithProjection(_clip_text_config(tokenizer, 32, "quick_gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2, 32, "gelu"))
+        # The pipeline pads the two CLIP embeddings (32 + 32) to T5's width: SD3's 768 + 1280 -> 4096.
+        text_encoder_3 = _t5_encoder(tokenizer_3, 64)
+        transformer = SD3Transformer2DModel(
+            sample_size=_LATENT_SIZE,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=text_encoder_3.config.d_model,
+            caption_projection_dim=16,  # heads * head width, as SD3's 1536
+            pooled_projection_dim=text_encoder.config.projection_dim + text_encoder_2.config.projection_dim,
+            pos_embed_max_size=16,
+        )
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+            vae=_vae(1.5305, latent_channels=16, shift_factor=0.0609),
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3,
+        )
+        pipe.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def build_tiny_flux(out_dir: str | Path, seed: int = 0, *, guidance_embeds: bool = True,
+                    overwrite: bool = False) -> Path:
+    """Write a tiny `FluxPipeline`: CLIP + T5 encoders, a `FluxTransformer2DModel` (double- and
+    single-stream blocks, packed 2x2 latents) with FLUX.1-dev's guidance embedding (``guidance_embeds``
+    False gives a schnell-style one) and a 16-channel VAE with FLUX's shift and scaling factors."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    with _atomic_dir(out_dir, overwrite) as tmp, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer, 32, "quick_gelu"))
+        text_encoder_2 = _t5_encoder(tokenizer_2, 64)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,  # 16 latent channels packed 2x2
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=text_encoder_2.config.d_model,
+            pooled_projection_dim=text_encoder.config.hidden_size,  # CLIP's pooled output
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=(4, 6, 6),  # sums to the head width, as FLUX's (16, 56, 56)
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                    base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                    max_image_seq_len=4096)
+        pipe = FluxPipeline(
+            transformer=transformer,
+            scheduler=scheduler,
+            vae=_vae(0.3611, latent_channels=16, shift_factor=0.1159),
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
         )
         pipe.save_pretrained(tmp)
     return Path(out_dir)
@@ -321,6 +442,8 @@ def build_tiny_llama(out_dir: str | Path, seed: int = 0, *, overwrite: bool = Fa
 BUILDERS: dict[str, Callable[..., Path]] = {
     "sd": build_tiny_sd,
     "sdxl": build_tiny_sdxl,
+    "sd3": build_tiny_sd3,
+    "flux": build_tiny_flux,
     "clip": build_tiny_clip,
     "dino": build_tiny_dino,
     "llama": build_tiny_llama,

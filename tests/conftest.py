@@ -31,6 +31,18 @@ def tiny_sdxl_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SD3 pipeline folder (two CLIP encoders + T5, MM-DiT transformer, 16-channel VAE, 64 px native)."""
+    return build_tiny("sd3", tmp_path_factory.mktemp("tiny") / "sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FLUX.1-dev-style pipeline folder (CLIP + T5, transformer with a guidance embedding)."""
+    return build_tiny("flux", tmp_path_factory.mktemp("tiny") / "flux")
+
+
+@pytest.fixture(scope="session")
 def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`CLIPModel` + `CLIPProcessor` folder (224 px, patch 32)."""
     return build_tiny("clip", tmp_path_factory.mktemp("tiny") / "clip")
@@ -59,7 +71,7 @@ def dreambench_dir() -> Path:
 
 def add_random_lora(pipe, *, rank: int = 4, alpha: int = 8, dora: bool = False, text_encoders: bool = True,
                     seed: int = 0) -> dict:
-    """Add a LoRA adapter `default` with random A and B to the pipeline's UNet (and text encoders).
+    """Add a LoRA adapter `default` with random A and B to the pipeline's denoiser (and CLIP text encoders).
 
     peft's `gaussian` init leaves B = 0 (a no-op adapter), so B is redrawn too. Text encoders get
     theirs through `peft.inject_adapter_in_model`: transformers 5's `add_adapter` demands peft >= 0.22.
@@ -67,19 +79,23 @@ def add_random_lora(pipe, *, rank: int = 4, alpha: int = 8, dora: bool = False, 
     """
     import torch
     from peft import LoraConfig, inject_adapter_in_model
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, use_dora=dora, init_lora_weights="gaussian",
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    from flatlora_diffusion.adapters import denoiser_of
+
+    _, denoiser = denoiser_of(pipe)
+    denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, use_dora=dora, init_lora_weights="gaussian",
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     encoders = {}
     if text_encoders:
         for name in ("text_encoder", "text_encoder_2"):
-            if getattr(pipe, name, None) is not None:
+            if isinstance(getattr(pipe, name, None), (CLIPTextModel, CLIPTextModelWithProjection)):  # not T5
                 config = LoraConfig(r=2, lora_alpha=4, init_lora_weights="gaussian",
                                     target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
                 encoders[name] = inject_adapter_in_model(config, getattr(pipe, name), adapter_name="default")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for model in (pipe.unet, *encoders.values()):
+        for model in (denoiser, *encoders.values()):
             for name, param in model.named_parameters():
                 if "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
@@ -88,14 +104,14 @@ def add_random_lora(pipe, *, rank: int = 4, alpha: int = 8, dora: bool = False, 
 
 def save_random_adapter(base: Path, out_dir: Path, *, kohya: bool = False, **lora) -> Path:
     """Load the tiny pipeline at `base`, add a random LoRA, save it as a trainer would; returns `out_dir`."""
-    from flatlora_diffusion.adapters import save_adapter
+    from flatlora_diffusion.adapters import denoiser_of, save_adapter
     from flatlora_diffusion.flat_lora import FlatLoraConfig
     from flatlora_diffusion.sampling import load_pipeline
 
     pipe = load_pipeline(base)
     encoders = add_random_lora(pipe, **lora)
-    save_adapter(out_dir, pipeline_class=type(pipe), unet=pipe.unet, text_encoders=encoders, base_model=str(base),
-                 prediction_type=pipe.scheduler.config.prediction_type,
+    save_adapter(out_dir, pipeline_class=type(pipe), denoiser=denoiser_of(pipe), text_encoders=encoders,
+                 base_model=str(base), prediction_type=pipe.scheduler.config.get("prediction_type", "flow_matching"),
                  lora_config={"rank": lora.get("rank", 4), "alpha": lora.get("alpha", 8)},
                  flat_lora=FlatLoraConfig(rho=0.1, total_steps=2).to_dict(),
                  training={"instance_prompt": "a photo of sks dog", "steps": 2, "seed": 0}, kohya=kohya)
@@ -141,6 +157,25 @@ def serve_app(studio) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL at a chosen moment."""
+
+
+def kill_while_writing_checkpoint(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Make the trainer "die" (raise `Killed`) mid-write of ``checkpoint-{step}``, after its first
+    `torch.save` into the temporary folder; `monkeypatch.undo()` revives it."""
+    import torch
+
+    real_save = torch.save
+
+    def save_then_die(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        if Path(path).parent.name == f".checkpoint-{step}.tmp":
+            raise Killed
+
+    monkeypatch.setattr(torch, "save", save_then_die)
 
 
 @contextmanager

@@ -51,7 +51,7 @@ def test_saved_adapter_loads_in_stock_pipeline_exactly(tiny_sd_path, tmp_path):
     in_memory = _pixels(generate_validation(pipe, SETTINGS))
     assert pipe.unet.training and not pipe.vae.training, "train/eval modes must be restored"
     assert trainable == {name for name, param in pipe.unet.named_parameters() if param.requires_grad}
-    info = save_adapter(tmp_path / "out", pipeline_class=StableDiffusionPipeline, unet=pipe.unet,
+    info = save_adapter(tmp_path / "out", pipeline_class=StableDiffusionPipeline, denoiser=("unet", pipe.unet),
                         text_encoders=encoders, base_model=str(tiny_sd_path), prediction_type="epsilon",
                         lora_config={"rank": 4}, flat_lora=None, training={"steps": 2})
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [INFO_NAME, WEIGHTS_NAME]  # no temp folder left

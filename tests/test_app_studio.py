@@ -260,3 +260,27 @@ def test_generation_stops_when_asked(studio):
         studio.generate(settings, stop=lambda: asked.append(1) or len(asked) >= 2)
     assert len(asked) == 2, "the pipeline must stop at the step it is told to, not after all 2 × 3 steps"
     assert len(studio.generate(settings).columns[0].images) == 2  # and the studio keeps serving
+
+
+def test_flux_base_with_its_adapters_side_by_side_and_other_families_refused(tiny_flux_path, tiny_sd3_path,
+                                                                             tmp_path_factory):
+    from conftest import save_random_adapter
+
+    root = tmp_path_factory.mktemp("dit_adapters")
+    save_random_adapter(tiny_flux_path, root / "flux_dog")
+    save_random_adapter(tiny_sd3_path, root / "sd3_dog")
+    studio = Studio.open(str(tiny_flux_path), [root])
+    try:
+        assert set(studio.adapters) == {"flux_dog", "sd3_dog"}
+        assert "⚠ trained for SD3; this app's base is FLUX" in studio.describe()
+        settings = studio.settings("a photo of sks dog", seed=1, steps=2, width=64, height=64, guidance_scale=3.5)
+        result = studio.compare(settings, {"flux_dog": 1.0})
+        base, adapted = (_pixels(column.images[0]) for column in result.columns)
+        assert np.abs(base - adapted).max() > 0, "the adapter must change the image"
+        with pytest.raises(StudioError, match="trained for SD3"):
+            studio.compare(settings, {"sd3_dog": 1.0})
+        assert studio.schedulers == []  # DDPM samplers do not apply to a flow-matching model
+        with pytest.raises(StudioError, match="`scheduler` ddim does not work with this base"):
+            studio.settings("a dog", steps=2, width=64, height=64, scheduler="ddim")
+    finally:
+        studio.close()

@@ -34,3 +34,24 @@ def test_noise_mode_measures_the_pooled_samplers_dependence(tmp_path):
     assert result["layers"] == 32 and result["reuse"] < 1  # the tiny UNet's layers fit in the pool once
     assert result["pairs_above_0.5"] == 0  # no layer shares values with another
     assert result["abs_corr_worst_shift_mean"] < 2 * result["independent_floor_mean"]
+
+
+def test_sd3_benchmark_on_the_real_width_at_depth_one(tmp_path):
+    """`--arch sd3`: the SD3.5 Medium transformer config, built on the meta device, one block deep."""
+    result = main(["--arch", "sd3", "--depth", "1", "--resolution", "32", "--steps", "1", "--no-memory",
+                   "--variants", "lora,flat", "--json", str(tmp_path / "sd3.json")])
+    assert result["arch"] == "sd3" and result["depth"] == 1 and result["dtype"] == "bfloat16"
+    # The last joint block has no text-stream output (`context_pre_only`): 7 projections, plus the
+    # second (dual) attention's to_q/k/v/out.
+    assert result["lora_layers"] == 7 + 4
+    assert result["base_bit_identical"] and result["lora_step_s"] > 0 and result["flat_step_s"] > 0
+
+
+@pytest.mark.parametrize(("arch", "layers"), [("sd3", 24 * 8 - 1 + 13 * 4), ("flux", 19 * 8 + 38 * 3)])
+def test_transformer_configs_are_the_real_ones(arch, layers):
+    """The full architectures on the meta device (no memory): every LoRA target of SD3.5 Medium / FLUX.1-dev."""
+    from flatlora_diffusion.bench import target_sizes
+
+    sizes = target_sizes(arch)
+    assert len(sizes) == layers
+    assert max(sizes) == {"sd3": 1536 * 1536, "flux": 3072 * 3072}[arch]

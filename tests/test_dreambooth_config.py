@@ -30,7 +30,7 @@ def write_yaml(path: Path, data: dict | str) -> Path:
 def test_defaults_follow_the_diffusers_scripts_and_the_paper():
     config = load_config(REQUIRED)
     assert config.lora.rank == 4 and config.lora.alpha == 4.0  # alpha defaults to the rank
-    assert config.lora.lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert config.lora.lora_target_modules is None  # the family's attention projections (`ModelFamily.lora_targets`)
     assert config.lora.text_encoder_target_modules == ["q_proj", "k_proj", "v_proj", "out_proj"]
     assert config.flat.rho == 0.1 and config.flat.schedule == "cosine" and config.flat.interval == 1
     assert config.flat.seed is None  # the trainer uses `--seed`
@@ -40,11 +40,16 @@ def test_defaults_follow_the_diffusers_scripts_and_the_paper():
     assert config.data.resolution is None and config.optim.adam_weight_decay is None  # set by the model family
 
 
-@pytest.mark.parametrize(("family", "resolution", "weight_decay"), [("sd", 512, 1e-2), ("sdxl", 1024, 1e-4)])
-def test_per_family_defaults_are_diffusers(family, resolution, weight_decay):
-    """diffusers' `train_dreambooth_lora.py` / `_sdxl.py` defaults; values given by the user are kept."""
+@pytest.mark.parametrize(("family", "resolution", "weight_decay", "scheme"), [
+    ("sd", 512, 1e-2, None), ("sdxl", 1024, 1e-4, None), ("sd3", 512, 1e-4, "logit_normal"), ("flux", 512, 1e-4, "none")])
+def test_per_family_defaults_are_diffusers(family, resolution, weight_decay, scheme):
+    """diffusers' `train_dreambooth_lora.py` / `_sdxl.py` / `_sd3.py` / `_flux.py` defaults; values given by
+    the user are kept."""
     config = load_config(REQUIRED).with_family_defaults(family)
     assert (config.data.resolution, config.optim.adam_weight_decay) == (resolution, weight_decay)
+    assert config.optim.weighting_scheme == scheme
+    assert config.optim.precondition_outputs == {"sd3": True, "flux": False}.get(family)
+    assert config.model.max_sequence_length == {"sd3": 77, "flux": 512}.get(family)
     given = load_config([*REQUIRED, "--resolution", "256", "--adam_weight_decay", "0"]).with_family_defaults(family)
     assert (given.data.resolution, given.optim.adam_weight_decay) == (256, 0.0)
 
@@ -207,7 +212,8 @@ DREAMBOOTH_CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml")
 
 
 def test_the_presets_exist():
-    assert {p.name for p in DREAMBOOTH_CONFIGS} >= {"demo.yaml", "sd15_dreambooth.yaml", "sdxl_3d_icons.yaml"}
+    assert {p.name for p in DREAMBOOTH_CONFIGS} >= {"demo.yaml", "sd15_dreambooth.yaml", "sdxl_3d_icons.yaml",
+                                                     "sd35_dreambooth.yaml", "flux_dreambooth.yaml"}
 
 
 @pytest.mark.parametrize("path", DREAMBOOTH_CONFIGS, ids=lambda p: p.name)
@@ -223,6 +229,10 @@ def test_every_shipped_training_config_loads(path, monkeypatch):
         assert config.lora.rank == 4 and config.lora.alpha == 4 and config.flat.rho == 0.1
         assert config.optim.lr_scheduler == "constant"
         assert "stable-diffusion-xl" in config.model.pretrained_model_name_or_path
+    family = {"sd35_dreambooth.yaml": "sd3", "flux_dreambooth.yaml": "flux"}.get(path.name)
+    if family is not None:  # the flow-matching presets fit their family (FLUX.1-dev has a guidance embedding)
+        assert config.family_errors(family, guidance_embeds=family == "flux", num_blocks=24) == []
+        assert "Expected GPU memory" in path.read_text().split("\n\n")[0]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)

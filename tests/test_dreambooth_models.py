@@ -1,11 +1,11 @@
-"""The DreamBooth loss (`dreambooth.models`): min-SNR and prior preservation as diffusers' scripts."""
+"""The DreamBooth loss (`dreambooth.objectives`): min-SNR and prior preservation as diffusers' scripts."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from flatlora_diffusion.dreambooth.models import dreambooth_loss
+from flatlora_diffusion.dreambooth.objectives import dreambooth_loss
 
 
 def _batch(prediction_type: str):

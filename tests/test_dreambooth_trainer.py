@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Killed, kill_while_writing_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -98,7 +99,7 @@ def test_flat_lora_run(flat_run, tiny_sd_path):
     from diffusers import UNet2DConditionModel
 
     base = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet").state_dict()
-    trained = {k.replace(".base_layer", ""): v for k, v in trainer.components.unet.state_dict().items() if "lora" not in k}
+    trained = {k.replace(".base_layer", ""): v for k, v in trainer.components.denoiser.state_dict().items() if "lora" not in k}
     assert all(torch.equal(base[k], trained[k]) for k in base)
     # Outputs: adapter (+ metadata), kohya file, model card, resolved config, validation images.
     for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors", "README.md",
@@ -136,7 +137,7 @@ def test_adapter_loads_into_a_stock_pipeline_and_changes_its_output(flat_run, ti
 def test_v_prediction_min_snr_noise_offset_text_encoder(tiny_sd_v_path, tmp_path):
     trainer = main(argv(tiny_sd_v_path, tmp_path, "--snr_gamma", "5", "--noise_offset", "0.05",
                         "--train_text_encoder", "--text_encoder_lr", "5e-4", "--gradient_checkpointing"))
-    assert trainer.components.unet.is_gradient_checkpointing
+    assert trainer.components.denoiser.is_gradient_checkpointing
     assert trainer.components.noise_scheduler.config.prediction_type == "v_prediction"
     assert trainer.losses == pytest.approx(PINNED["sd_v"], rel=1e-4)
     assert set(trainer.perturbers) == {"unet", "text_encoder"}
@@ -194,7 +195,7 @@ def test_bucketing_with_mixed_aspect_ratios(tiny_sd_path, tmp_path):
 
 def test_bf16_keeps_frozen_weights_in_bf16_and_lora_in_fp32(tiny_sd_path, tmp_path):
     trainer = main(argv(tiny_sd_path, tmp_path, "--mixed_precision", "bf16", steps=1))
-    unet = trainer.components.unet
+    unet = trainer.components.denoiser
     dtypes = {p.dtype for p in unet.parameters() if p.requires_grad}
     assert dtypes == {torch.float32}
     assert {p.dtype for p in unet.parameters() if not p.requires_grad} == {torch.bfloat16}
@@ -263,10 +264,6 @@ def test_push_to_hub_uploads_the_output_at_the_end(tiny_sd_path, tmp_path, monke
 # Checkpoints: kill and resume, atomic writes, total limit, NaN
 
 
-class Killed(Exception):
-    """Stands in for SIGKILL at a chosen moment."""
-
-
 def test_kill_and_resume_equals_an_uninterrupted_run(tiny_sd_path, tmp_path, monkeypatch):
     # --lora_dropout draws from the global RNG: its state must be restored too. With --cache_latents
     # the resumed run first meets images in other batches than the uninterrupted one (batch of 1 vs 2).
@@ -278,14 +275,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tiny_sd_path, tmp_path, mon
     assert (tmp_path / "ref" / "validation" / "epoch-0001" / "image_000.png").is_file()
 
     out = tmp_path / "killed"
-    real_save = torch.save
-
-    def save_then_die(obj, path, *args, **kwargs):
-        real_save(obj, path, *args, **kwargs)
-        if Path(path).parent.name == ".checkpoint-3.tmp":  # mid-write of the 3rd checkpoint
-            raise Killed
-
-    monkeypatch.setattr(torch, "save", save_then_die)
+    kill_while_writing_checkpoint(monkeypatch, 3)
     with pytest.raises(Killed):
         main(argv(tiny_sd_path, out, *extra, "--checkpointing_steps", "1", steps=4))
     monkeypatch.undo()

@@ -32,7 +32,7 @@ def _adapter(sd: Path, out: Path, seed: int, rho: float, noun: str) -> None:
         for name, param in unet.named_parameters():
             if "lora_B" in name:
                 param.copy_(0.3 * torch.randn(param.shape, generator=generator))
-    save_adapter(out, pipeline_class=StableDiffusionPipeline, unet=unet, base_model=str(sd), prediction_type="epsilon",
+    save_adapter(out, pipeline_class=StableDiffusionPipeline, denoiser=("unet", unet), base_model=str(sd), prediction_type="epsilon",
                  lora_config={"rank": 4, "alpha": 4}, flat_lora={"rho": rho, "schedule": "cosine"} if rho else None,
                  training={"instance_prompt": f"a photo of sks {noun}"})
 
@@ -135,3 +135,24 @@ def test_bad_input(tiny_sd_path, runs, dreambench_dir, tiny_clip_path, tiny_dino
     assert cli.main([*argv, "--div", "--images_per_prompt", "1"]) == 2
     assert "`--div` compares images of the same prompt" in capsys.readouterr().err
     assert not out.exists()  # nothing written
+
+
+def test_dreambench_on_a_flux_base_and_a_cross_family_adapter(tiny_flux_path, tiny_sd3_path, dreambench_dir,
+                                                              tiny_clip_path, tiny_dino_path, tmp_path, capsys,
+                                                              one_thread) -> None:
+    from conftest import save_random_adapter
+
+    flux = save_random_adapter(tiny_flux_path, tmp_path / "runs" / "flux" / "dog")
+    out = tmp_path / "eval"
+    argv = ["dreambench", "--base", str(tiny_flux_path), "--adapters", f"flux={flux.parent}", "--dataset",
+            str(dreambench_dir), "--subjects", "dog", "--images_per_prompt", "1", "--max_prompts", "2", "--steps", "2",
+            "--width", "64", "--height", "64", "--guidance_scale", "3.5", "--out", str(out), "--dino_model",
+            str(tiny_dino_path), "--clip_model", str(tiny_clip_path), "--device", "cpu"]
+    assert cli.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["runs"] == ["flux"] and len(list((out / "images/flux/dog").glob("p*.png"))) == 2
+    sd3 = save_random_adapter(tiny_sd3_path, tmp_path / "runs" / "sd3" / "dog")
+    bad = [*argv[:4], f"sd3={sd3.parent}", *argv[5:]]
+    bad[bad.index("--out") + 1] = str(tmp_path / "eval_bad")
+    assert cli.main(bad) == 2
+    assert "trained for SD3" in capsys.readouterr().err

@@ -15,7 +15,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from flatlora_diffusion.dreambooth.data import demo_subject_dir
-from flatlora_diffusion.dreambooth.models import diffusion_loss, dreambooth_loss, tokenize
+from flatlora_diffusion.dreambooth.models import tokenize
+from flatlora_diffusion.dreambooth.objectives import diffusion_loss, dreambooth_loss
 from flatlora_diffusion.flat_lora import FlatLoraConfig, FlatLoraPerturber
 from flatlora_diffusion.flatness import FlatnessConfig, FlatnessError, measure_flatness, open_world
 from flatlora_diffusion.flatness.__main__ import main
@@ -250,7 +251,7 @@ def test_each_adapter_measures_the_same_alone_or_after_another_and_the_base_is_u
         expected_losses(world.loss, layers, [0.2], 2, seed=0, sampler="gaussian", clean=clean)
         direction_curves(world.loss, layers, name, [-0.1, 0.1], 1, seed=0, clean=clean)
     world.close()
-    state = world.components.unet.state_dict()
+    state = world.components.denoiser.state_dict()
     before = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet").state_dict()
     assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
 
@@ -260,7 +261,7 @@ def test_sdxl_adapter_with_both_text_encoders_is_measured(tiny_sdxl_path, sdxl_a
     try:
         layers = world.activate("xl")
         assert {name.split(".")[0] for name in layers} == {"unet", "text_encoder", "text_encoder_2"}
-        assert world.time_ids.shape == (4, 6)  # SDXL micro-conditioning of every triple
+        assert len(world.sizes["original_sizes"]) == 4  # SDXL micro-conditioning of every triple
         clean = world.loss()
         noisy = expected_losses(world.loss, layers, [0.2], 2, seed=0, sampler="gaussian", clean=clean)["0.2"]
     finally:
@@ -409,7 +410,7 @@ def unet_adapter(base: Path, out: Path, training: dict, targets: list[str] | Non
         add_random_lora(pipe, text_encoders=False)
     else:
         pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=targets))
-    save_adapter(out, pipeline_class=type(pipe), unet=pipe.unet, base_model=str(base), prediction_type="epsilon",
+    save_adapter(out, pipeline_class=type(pipe), denoiser=("unet", pipe.unet), base_model=str(base), prediction_type="epsilon",
                  lora_config={"rank": 4}, flat_lora=None, training=training)
     return out
 

@@ -76,6 +76,50 @@ def test_sdxl_loads_and_generates(tiny_sdxl_path: Path) -> None:
     assert np.isfinite(images).all()
 
 
+def test_sd3_loads_and_generates(tiny_sd3_path: Path) -> None:
+    from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd3_path)
+    assert type(pipe) is StableDiffusion3Pipeline
+    assert type(pipe.tokenizer_3).__name__.startswith("T5Tokenizer")  # transformers 5: one class, fast backend
+    assert type(pipe.text_encoder_3).__name__ == "T5EncoderModel"
+    transformer = pipe.transformer.config
+    # CLIP states (32 + 32) are padded to T5's width; pooled = both CLIP projections.
+    assert transformer.joint_attention_dim == pipe.text_encoder_3.config.d_model >= 64
+    assert transformer.pooled_projection_dim == pipe.text_encoder.config.projection_dim + pipe.text_encoder_2.config.projection_dim
+    assert (pipe.vae.config.latent_channels, pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor) == (16, 1.5305, 0.0609)
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    modules = {name.rsplit(".", 1)[-1] for name, _ in pipe.transformer.named_modules()}
+    assert {"to_q", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"} <= modules
+    images = _generate(pipe)
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+
+
+def test_flux_loads_and_generates(tiny_flux_path: Path) -> None:
+    from diffusers import DiffusionPipeline, FluxPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_flux_path)
+    assert type(pipe) is FluxPipeline
+    transformer = pipe.transformer.config
+    assert transformer.in_channels == 4 * pipe.vae.config.latent_channels == 64  # 2x2-packed latents
+    assert transformer.guidance_embeds and transformer.joint_attention_dim == pipe.text_encoder_2.config.d_model
+    assert sum(transformer.axes_dims_rope) == transformer.attention_head_dim
+    assert (pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor) == (0.3611, 0.1159)
+    assert pipe.scheduler.config.use_dynamic_shifting
+    images = _generate(pipe)
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+
+
+def test_t5_tokenizer_is_character_level_with_t5s_special_ids(tiny_flux_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_flux_path, subfolder="tokenizer_2")
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    ids = tokenizer("a sks dog", padding="max_length", max_length=16, truncation=True).input_ids
+    assert len(ids) == 16 and ids[ids.index(1) + 1:] == [0] * (15 - ids.index(1))  # text, </s>, padding
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "a sks dog"
+
+
 def test_clip_gives_embeddings(tiny_clip_path: Path) -> None:
     from transformers import AutoProcessor, CLIPModel, CLIPProcessor
 
@@ -169,8 +213,8 @@ def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_bad_arguments_are_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="Unknown tiny model kind `sd3`"):
-        build_tiny("sd3", tmp_path / "x")
+    with pytest.raises(ValueError, match="Unknown tiny model kind `sd4`"):
+        build_tiny("sd4", tmp_path / "x")
     with pytest.raises(ValueError, match="`prediction_type`"):
         build_tiny("sd", tmp_path / "x", prediction_type="sample")
     with pytest.raises(SystemExit):

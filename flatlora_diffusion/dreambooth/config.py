@@ -38,11 +38,22 @@ OPTIMIZERS = ("adamw", "prodigy")
 # Highest ρ accepted: the paper sweeps 0.01-0.20; beyond 0.5 the noise is half the weight norm.
 MAX_RHO = 0.5
 # Defaults that depend on the model family (the flag's default is None until the family is known):
-# diffusers' `train_dreambooth_lora.py` (SD) and `train_dreambooth_lora_sdxl.py` values.
+# the values of diffusers' `train_dreambooth_lora.py` (SD), `_sdxl.py`, `_sd3.py` and `_flux.py`,
+# and each pipeline's own guidance for validation (7.5 kept for SDXL, as before). `lora_target_modules`
+# comes from the family (`dreambooth.models.ModelFamily.lora_targets`); FLUX's `guidance_scale` only
+# when its transformer has a guidance embedding.
 FAMILY_DEFAULTS = {
-    "sd": {"resolution": 512, "adam_weight_decay": 1e-2},
-    "sdxl": {"resolution": 1024, "adam_weight_decay": 1e-4},
+    "sd": {"resolution": 512, "adam_weight_decay": 1e-2, "validation_guidance_scale": 7.5},
+    "sdxl": {"resolution": 1024, "adam_weight_decay": 1e-4, "validation_guidance_scale": 7.5},
+    "sd3": {"resolution": 512, "adam_weight_decay": 1e-4, "validation_guidance_scale": 7.0,
+            "weighting_scheme": "logit_normal", "precondition_outputs": True, "max_sequence_length": 77},
+    "flux": {"resolution": 512, "adam_weight_decay": 1e-4, "validation_guidance_scale": 3.5,
+             "weighting_scheme": "none", "precondition_outputs": False, "max_sequence_length": 512},
 }
+FLUX_GUIDANCE_SCALE = 3.5  # diffusers' `train_dreambooth_lora_flux.py --guidance_scale` default
+WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
+FLOW_MATCHING_FLAGS = ("weighting_scheme", "precondition_outputs", "max_sequence_length", "guidance_scale",
+                       "lora_blocks")
 # Flags of diffusers' SD/SDXL DreamBooth LoRA scripts that this trainer refuses, and why.
 REFUSED = {
     "tokenizer_name": "the tokenizer is the pipeline's own (`tokenizer/`), the one its text encoder was trained "
@@ -132,11 +143,13 @@ def _at_least(obj, name: str, low: float, exclusive: bool = False) -> list[str]:
 
 @dataclass
 class ModelConfig(_Section):
-    """The base pipeline (SD 1.x/2.x or SDXL, detected from its `model_index.json`)."""
+    """The base pipeline (SD 1.x/2.x, SDXL, SD3/3.5 or FLUX.1, detected from its `model_index.json`)."""
 
     pretrained_model_name_or_path: str | None = _f(
-        None, "Base pipeline: hub id (`stable-diffusion-v1-5/stable-diffusion-v1-5`), local diffusers folder, or "
-        "`tiny:sd` / `tiny:sd-v` / `tiny:sdxl` for a tiny random model built on first use (demos, tests)."
+        None, "Base pipeline: hub id (`stable-diffusion-v1-5/stable-diffusion-v1-5`, "
+        "`stabilityai/stable-diffusion-3.5-medium`, `black-forest-labs/FLUX.1-dev`), local diffusers folder, or "
+        "`tiny:sd` / `tiny:sd-v` / `tiny:sdxl` / `tiny:sd3` / `tiny:flux` for a tiny random model built on first "
+        "use (demos, tests)."
     )
     pretrained_vae_model_name_or_path: str | None = _f(
         None, "A VAE to use instead of the pipeline's, e.g. `madebyollin/sdxl-vae-fp16-fix` (then the SDXL VAE "
@@ -146,8 +159,16 @@ class ModelConfig(_Section):
     variant: str | None = _f(None, "Weight variant of the base pipeline files, e.g. `fp16`.")
     cache_dir: str | None = _f(None, "Where downloaded models are stored (default: the Hugging Face cache).")
     prediction_type: str | None = _f(
-        None, "Override the scheduler's prediction type (`epsilon` or `v_prediction`); default: the model's.",
+        None, "Override the scheduler's prediction type (`epsilon` or `v_prediction`); default: the model's. "
+              "SD/SDXL only (SD3 and FLUX are flow-matching models).",
         choices=("epsilon", "v_prediction"),
+    )
+    max_sequence_length: int | None = _f(
+        None, "T5 tokens per prompt (SD3/FLUX only). Default: 77 for SD3, 512 for FLUX, as diffusers' scripts."
+    )
+    guidance_scale: float | None = _f(
+        None, f"Value fed to FLUX.1-dev's guidance embedding in training (FLUX with a guidance embedding only). "
+              f"Default: {FLUX_GUIDANCE_SCALE:g}, as diffusers."
     )
 
     def _check(self) -> list[str]:
@@ -157,25 +178,37 @@ class ModelConfig(_Section):
                           "`tiny:sd` (the offline demo: `--config configs/demo.yaml`).")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             errors.append(f"`--prediction_type` must be `epsilon` or `v_prediction`, got {self.prediction_type!r}.")
+        if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 512:
+            errors.append(f"`--max_sequence_length` must be in [1, 512] (T5's length), got {self.max_sequence_length}.")
+        errors += _at_least(self, "guidance_scale", 0)
         return errors
 
 
 @dataclass
 class LoraSettings(_Section):
-    """The LoRA adapters on the UNet (and optionally the text encoders)."""
+    """The LoRA adapters on the denoiser (UNet or transformer) and optionally the CLIP text encoders."""
 
     rank: int = _f(4, "LoRA rank r (the paper's SDXL run: 4).")
     lora_alpha: float | None = _f(None, "LoRA alpha; the update is scaled by alpha/r. Default: equal to `--rank`.")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA branch input.")
     use_dora: bool = _f(False, "Train DoRA (weight-decomposed LoRA) adapters instead of plain LoRA.")
     use_rslora: bool = _f(False, "Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.")
-    lora_target_modules: list[str] = _f(
-        ["to_q", "to_k", "to_v", "to_out.0"],
-        "UNet modules that get LoRA (comma-separated on the command line); default the attention projections.",
+    lora_target_modules: list[str] | None = _f(
+        None, "Denoiser modules that get LoRA (comma-separated on the command line). Default: the attention "
+              "projections, `to_q,to_k,to_v,to_out.0`; for SD3/FLUX also the joint attention's text-stream "
+              "projections `add_q_proj,add_k_proj,add_v_proj,to_add_out`.",
+    )
+    lora_layers: list[str] | None = _f(
+        None, "The name diffusers' SD3/FLUX scripts give `--lora_target_modules` (e.g. `attn.to_k,attn.to_q`); "
+              "give one of the two."
+    )
+    lora_blocks: list[str] | None = _f(
+        None, "SD3/FLUX: only these `transformer_blocks` (indices, comma-separated, e.g. `12,13`) get LoRA, as "
+              "diffusers' SD3 script; default all blocks (FLUX: also the single-stream blocks)."
     )
     train_text_encoder: bool = _f(
-        False, "Also train LoRA on the text encoder(s) (Flat-LoRA applies there too); prompts are then encoded "
-               "every step instead of once."
+        False, "Also train LoRA on the CLIP text encoder(s) (Flat-LoRA applies there too; T5 stays frozen); "
+               "prompts are then encoded every step instead of once."
     )
     text_encoder_target_modules: list[str] = _f(
         ["q_proj", "k_proj", "v_proj", "out_proj"], "Text-encoder modules that get LoRA with `--train_text_encoder`."
@@ -193,9 +226,15 @@ class LoraSettings(_Section):
         errors += _at_least(self, "lora_alpha", 0, exclusive=True)
         if not 0 <= self.lora_dropout < 1:
             errors.append(f"`--lora_dropout` must be in [0, 1), got {self.lora_dropout}.")
-        for name in ("lora_target_modules", "text_encoder_target_modules"):
-            if not [m for m in getattr(self, name) if m.strip()]:
+        for name in ("lora_target_modules", "lora_layers", "text_encoder_target_modules"):
+            value = getattr(self, name)
+            if value is not None and not [m for m in value if m.strip()]:
                 errors.append(f"`--{name}` must name at least one module, e.g. `to_q,to_k,to_v,to_out.0`.")
+        if self.lora_target_modules is not None and self.lora_layers is not None:
+            errors.append("Give `--lora_target_modules` or `--lora_layers` (the same setting), not both.")
+        bad_blocks = [b for b in self.lora_blocks or [] if not b.strip().isdigit()]
+        if bad_blocks or (self.lora_blocks is not None and not self.lora_blocks):
+            errors.append(f"`--lora_blocks` must be block indices such as `12,13`, got {self.lora_blocks!r}.")
         errors += _at_least(self, "text_encoder_lr", 0, exclusive=True)
         if self.pre_compute_text_embeddings and self.train_text_encoder:
             errors.append("`--pre_compute_text_embeddings` cannot be combined with `--train_text_encoder`: a trained "
@@ -312,8 +351,8 @@ class OptimConfig(_Section):
     adam_beta1: float = _f(0.9, "Adam beta1.")
     adam_beta2: float = _f(0.999, "Adam beta2.")
     adam_epsilon: float = _f(1e-8, "Adam epsilon.")
-    adam_weight_decay: float | None = _f(None, "Weight decay of the UNet LoRA parameters. Default: 1e-2 for SD "
-                                                "1.x/2.x, 1e-4 for SDXL.")
+    adam_weight_decay: float | None = _f(None, "Weight decay of the denoiser's LoRA parameters. Default: 1e-2 for "
+                                                "SD 1.x/2.x, 1e-4 for SDXL, SD3 and FLUX.")
     adam_weight_decay_text_encoder: float = _f(1e-3, "Weight decay of the text-encoder LoRA parameters.")
     prodigy_beta3: float | None = _f(None, "Prodigy beta3 (default: sqrt(beta2)).")
     prodigy_decouple: bool = _f(True, "Prodigy: AdamW-style decoupled weight decay.")
@@ -322,7 +361,20 @@ class OptimConfig(_Section):
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables clipping).")
     seed: int | None = _f(None, "Seed of everything (data order, noise, timesteps, Flat-LoRA); default: a random "
                                 "seed, recorded in the resolved config.")
-    snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5.0 is the recommended value); off by default.")
+    snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5.0 is the recommended value); off by default. "
+                                       "SD/SDXL only (flow-matching models weight with `--weighting_scheme`).")
+    weighting_scheme: str | None = _f(
+        None, "SD3/FLUX flow matching: density of the training timesteps and loss weighting, as diffusers' "
+              "`training_utils`. Default: `logit_normal` for SD3, `none` (uniform) for FLUX, as diffusers' scripts.",
+        choices=WEIGHTING_SCHEMES,
+    )
+    logit_mean: float = _f(0.0, "Mean of the `logit_normal` timestep density.")
+    logit_std: float = _f(1.0, "Standard deviation of the `logit_normal` timestep density.")
+    mode_scale: float = _f(1.29, "Scale of the `mode` timestep density.")
+    precondition_outputs: bool | None = _f(
+        None, "SD3 only: turn the predicted velocity into an x_0 estimate and regress x_0 (diffusers' SD3 "
+              "default, on); FLUX regresses the velocity."
+    )
     noise_offset: float = _f(0.0, "Noise offset (per-channel constant added to the noise); 0.05-0.1 helps dark/bright images.")
 
     def _check(self) -> list[str]:
@@ -335,6 +387,10 @@ class OptimConfig(_Section):
             errors += _at_least(self, name, 0)
         errors += _at_least(self, "learning_rate", 0, exclusive=True)
         errors += _at_least(self, "snr_gamma", 0, exclusive=True)
+        errors += _at_least(self, "logit_std", 0, exclusive=True)
+        if self.weighting_scheme not in (None, *WEIGHTING_SCHEMES):
+            errors.append(f"`--weighting_scheme` must be one of {', '.join(WEIGHTING_SCHEMES)}, "
+                          f"got {self.weighting_scheme!r}.")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 errors.append(f"`--{name}` must be in [0, 1), got {getattr(self, name)}.")
@@ -408,7 +464,9 @@ class ValidationConfig(_Section):
     validation_steps: int | None = _f(None, "Validate every N optimiser steps.")
     validation_epochs: int | None = _f(None, "Validate every N epochs.")
     validation_num_inference_steps: int = _f(25, "Denoising steps of the validation images.")
-    validation_guidance_scale: float = _f(7.5, "Classifier-free guidance scale of the validation images.")
+    validation_guidance_scale: float | None = _f(
+        None, "Guidance scale of the validation images (FLUX: its guidance embedding). Default: the pipeline's "
+              "(SD3 7.0, FLUX 3.5), 7.5 for SD and SDXL.")
     validation_negative_prompt: str | None = _f(None, "Negative prompt of the validation images.")
     final_validation: bool = _f(
         True, "After training, reload the saved adapter from disk into a fresh pipeline and sample the prompt."
@@ -565,10 +623,49 @@ class TrainConfig:
         values = self.to_flags(secrets=True) | updates
         return TrainConfig.from_flags(values)
 
-    def with_family_defaults(self, family: str) -> TrainConfig:
-        """Fill the flags left unset whose default depends on the model family (`sd` or `sdxl`)."""
+    def with_family_defaults(self, family: str, **more) -> TrainConfig:
+        """Fill the flags left unset whose default depends on the model family (`sd`, `sdxl`, `sd3`,
+        `flux`): `FAMILY_DEFAULTS`, then ``more`` (defaults read from the model)."""
         values = self.to_flags(secrets=True)
-        return self.resolved(**{name: value for name, value in FAMILY_DEFAULTS[family].items() if values[name] is None})
+        defaults = FAMILY_DEFAULTS[family] | more
+        return self.resolved(**{name: value for name, value in defaults.items() if values[name] is None})
+
+    def family_errors(self, family: str, *, guidance_embeds: bool = False, num_blocks: int | None = None,
+                      model: str = "") -> list[str]:
+        """Settings that do not apply to the base model's family (checked before anything loads):
+        flow-matching flags on SD/SDXL, DDPM flags on SD3/FLUX, FLUX's guidance and precision rules."""
+        values, errors = self.to_flags(secrets=True), []
+        flow = family in ("sd3", "flux")
+        if not flow:
+            errors += [f"`--{name}` applies to SD3 and FLUX (flow-matching) models only; `{model}` is "
+                       f"{family.upper()}: drop it." for name in FLOW_MATCHING_FLAGS if values[name] is not None]
+            return errors
+        if values["snr_gamma"] is not None:
+            errors.append(f"`--snr_gamma` does not apply to `{model}` ({family.upper()}): min-SNR weighting is defined "
+                          "for DDPM noise schedules; flow-matching models weight the loss with `--weighting_scheme`.")
+        if values["prediction_type"] is not None:
+            errors.append(f"`--prediction_type` does not apply to `{model}` ({family.upper()}): flow-matching models "
+                          "always predict the velocity.")
+        if family == "flux" and values["precondition_outputs"]:
+            errors.append("`--precondition_outputs` is SD3's (diffusers' SD3 script); FLUX regresses the velocity: "
+                          "drop it.")
+        if values["guidance_scale"] is not None and not guidance_embeds:
+            errors.append(f"`--guidance_scale`: the transformer of `{model}` has no guidance embedding (SD3, "
+                          "FLUX.1-schnell); the flag sets FLUX.1-dev's. Drop it (validation uses "
+                          "`--validation_guidance_scale`).")
+        if family == "flux" and values["mixed_precision"] == "fp16":
+            errors.append("`--mixed_precision fp16` with FLUX: FLUX.1 is trained in bf16 and its activations overflow "
+                          "fp16 (NaN loss, black images); use `--mixed_precision bf16`.")
+        if values["resolution"] is not None and values["resolution"] % 16:
+            errors.append(f"`--resolution` must be a multiple of 16 for {family.upper()} (8x VAE, then 2x2 latent "
+                          f"patches), got {values['resolution']}.")
+        if values["enable_bucketing"] and values["bucket_step"] is not None and values["bucket_step"] % 16:
+            errors.append(f"`--bucket_step` must be a multiple of 16 for {family.upper()}, got {values['bucket_step']}.")
+        blocks = [int(b) for b in values["lora_blocks"] or []]
+        if num_blocks is not None and any(b >= num_blocks for b in blocks):
+            errors.append(f"`--lora_blocks` {','.join(map(str, blocks))}: `{model}` has {num_blocks} transformer "
+                          f"blocks (0-{num_blocks - 1}).")
+        return errors
 
     def save_yaml(self, path: str | Path, header: str = "") -> Path:
         """Write every flag to ``path`` (atomically); ``--config`` of that file reproduces the run."""
@@ -721,7 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in FLAGS.values():
         help_text = flag.help + ("" if flag.default in (None, []) else f" [default: {_show(flag.default)}]")
         kwargs: dict = {"help": help_text.replace("%", "%%"), "dest": flag.name}
-        if flag.hint is bool:
+        if _strip_none(flag.hint) is bool:  # `bool | None`: unset until the model family decides
             kwargs["action"] = _BoolFlag
         elif flag.choices:
             kwargs["metavar"] = "{" + ",".join(flag.choices) + "}"
@@ -787,7 +884,7 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
         errors += yaml_errors
     for name, text in args.items():  # the command line wins
         flag = FLAGS[name]
-        if flag.hint is bool:
+        if _strip_none(flag.hint) is bool:  # `_BoolFlag` parsed it (text it kept is reported by the type check)
             values[name] = text
             continue
         try:

@@ -1,4 +1,4 @@
-"""The DreamBooth LoRA trainer with Flat-LoRA: SD 1.x/2.x and SDXL through one loop.
+"""The DreamBooth LoRA trainer with Flat-LoRA: SD 1.x/2.x, SDXL, SD3/3.5 and FLUX.1 through one loop.
 
     trainer = DreamBoothTrainer(load_config(argv))
     trainer.setup()    # models, LoRA, Flat-LoRA, data, optimiser; resume; every input checked first
@@ -8,11 +8,14 @@
 One step, for each micro-batch of an optimiser step:
 
     perturber.set_step(global_step)                        # Flat-LoRA: noise of this optimiser step
-    latents = VAE(pixels) (or the cache)                   # (B, 4, H/8, W/8)
-    noisy = scheduler.add_noise(latents, noise, t)         # noise and t from a generator keyed by the batch
-    pred = unet(noisy, t, text_embeds[, SDXL added cond])  # frozen weights + noise + LoRA
-    loss = mse(pred, noise or velocity) [min-SNR] [+ plain-MSE prior loss on class images]
+    latents = VAE(pixels) (or the cache)                   # (B, C, H/8, W/8), shifted and scaled
+    noisy, t = objective.add_noise(latents, noise)         # DDPM or flow matching; keyed by the batch
+    pred = family.predict(denoiser, noisy, t, text_embeds) # UNet / transformer: frozen weights + noise + LoRA
+    loss = objective.loss(pred, ...)                       # [min-SNR | flow weighting] [+ prior loss]
     backward; on the last micro-batch: clip, optimiser step, lr step
+
+The family (`dreambooth.models.FAMILIES`) supplies the prompt encoding and the denoiser call; the
+objective (`dreambooth.objectives`) the noise and the loss.
 
 Randomness is keyed, not streamed: the diffusion noise and timesteps of a micro-batch come from a
 generator seeded with (seed, epoch, batch index, process), the data from (seed, epoch, index), and
@@ -27,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -38,19 +42,18 @@ from tqdm.auto import tqdm
 from flatlora_diffusion.dreambooth import checkpoints as ckpt
 from flatlora_diffusion.dreambooth import data as db_data
 from flatlora_diffusion.dreambooth import hub
-from flatlora_diffusion.dreambooth.config import ConfigError, TrainConfig, with_seed
+from flatlora_diffusion.dreambooth.config import FLUX_GUIDANCE_SCALE, ConfigError, TrainConfig, with_seed
 from flatlora_diffusion.dreambooth.models import (
     Components,
+    DenoiserInput,
     ModelError,
     detect_family,
-    dreambooth_loss,
     load_components,
+    read_denoiser_config,
     read_model_index,
     resolve_model_path,
-    sample_noise,
-    time_ids,
-    training_target,
 )
+from flatlora_diffusion.dreambooth.objectives import DDPMObjective, FlowMatchingObjective, sample_noise
 from flatlora_diffusion.flat_lora import FlatLoraPerturber, mix_seed
 from flatlora_diffusion.integrations.accelerate import prepare_flat_lora
 
@@ -106,6 +109,8 @@ class DreamBoothTrainer:
         self.model_path, self.resume_dir = self._check_inputs()
         self._setup_seed()
         self.components = self._setup_models()
+        self.denoiser = self.components.family.denoiser  # `unet` or `transformer`
+        self.objective = self._setup_objective()
         if cfg.data.with_prior_preservation:
             self._setup_class_images()
         self.trained = self._setup_lora()
@@ -159,14 +164,23 @@ class DreamBoothTrainer:
     def _check_inputs(self) -> tuple[str, Path | None]:
         """Every file-level problem at once: base model, instance/class images, resume checkpoint, Hub access."""
         cfg, errors = self.config, []
-        model_path, family = cfg.model.pretrained_model_name_or_path, "sd"
+        model_path, family, model_defaults = cfg.model.pretrained_model_name_or_path, "sd", {}
         try:
             with self.accelerator.main_process_first():  # `tiny:` models are built once
                 model_path = resolve_model_path(model_path)
-            family = detect_family(read_model_index(model_path, cfg.model.revision, cfg.model.cache_dir), model_path).name
+            index = read_model_index(model_path, cfg.model.revision, cfg.model.cache_dir)
+            found = detect_family(index, model_path)
+            denoiser = read_denoiser_config(model_path, index, found, cfg.model.revision, cfg.model.cache_dir)
+            family, guidance = found.name, bool(denoiser.get("guidance_embeds"))
+            errors += cfg.family_errors(family, guidance_embeds=guidance, num_blocks=denoiser.get("num_layers"),
+                                        model=cfg.model.pretrained_model_name_or_path)
+            model_defaults = {"lora_target_modules": list(found.lora_targets),
+                              "guidance_scale": FLUX_GUIDANCE_SCALE if guidance else None}
         except ModelError as err:
             errors.append(str(err))
-        self.config = cfg = cfg.with_family_defaults(family)  # SDXL: 1024 px; before the data is read
+        if cfg.lora.lora_layers is not None:  # diffusers' SD3/FLUX-script spelling of `--lora_target_modules`
+            cfg = cfg.resolved(lora_target_modules=cfg.lora.lora_layers, lora_layers=None)
+        self.config = cfg = cfg.with_family_defaults(family, **model_defaults)  # before the data is read
         if cfg.checkpoint.push_to_hub:  # before any work: an upload that cannot happen is known now
             try:
                 self.hub_repo = hub.check_access(cfg.checkpoint.hub_model_id, self.output_dir, cfg.checkpoint.hub_token)
@@ -212,14 +226,25 @@ class DreamBoothTrainer:
         components = load_components(
             self.model_path, revision=cfg.revision, variant=cfg.variant, cache_dir=cfg.cache_dir,
             vae_path=cfg.pretrained_vae_model_name_or_path, prediction_type=cfg.prediction_type,
-            weight_dtype=self.weight_dtype,
+            weight_dtype=self.weight_dtype, max_sequence_length=cfg.max_sequence_length,
         )
         device = self.accelerator.device
-        for model in (*components.text_encoders, components.vae, components.unet):
+        for model in (*components.text_encoders, components.vae, components.denoiser):
             model.to(device)
         if self.config.memory.enable_xformers_memory_efficient_attention:
-            components.unet.enable_xformers_memory_efficient_attention()
+            components.denoiser.enable_xformers_memory_efficient_attention()
         return components
+
+    def _setup_objective(self) -> DDPMObjective | FlowMatchingObjective:
+        """The family's training objective with this run's loss settings."""
+        c, optim = self.components, self.config.optim
+        prior_weight = self.config.data.prior_loss_weight
+        if c.family.objective == "ddpm":
+            return DDPMObjective(c.noise_scheduler, optim.snr_gamma, prior_weight)
+        return FlowMatchingObjective(c.noise_scheduler, weighting_scheme=optim.weighting_scheme,
+                                     logit_mean=optim.logit_mean, logit_std=optim.logit_std,
+                                     mode_scale=optim.mode_scale, precondition_outputs=optim.precondition_outputs,
+                                     prior_loss_weight=prior_weight)
 
     def _setup_class_images(self) -> None:
         """Generate the missing class images with the base model (main process; the others wait)."""
@@ -229,9 +254,9 @@ class DreamBoothTrainer:
         if self.accelerator.is_main_process:
             if cfg.prior_generation_precision is None:  # the training models, in their dtype
                 pipe = pipeline_from_models(
-                    c.path, unet=c.unet, vae=c.vae, device=self.accelerator.device, dtype=self.weight_dtype,
-                    text_encoders=dict(zip(c.family.text_encoders, c.text_encoders, strict=True)),
-                    revision=model.revision, variant=model.variant,
+                    c.path, denoiser={self.denoiser: c.denoiser}, vae=c.vae, device=self.accelerator.device,
+                    dtype=self.weight_dtype, text_encoders=c.text_encoder_map, revision=model.revision,
+                    variant=model.variant,
                 )
             else:  # a separate copy in the asked precision (`no` is fp32, as in diffusers)
                 dtype = WEIGHT_DTYPES.get(cfg.prior_generation_precision, torch.float32)
@@ -255,15 +280,16 @@ class DreamBoothTrainer:
             return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, use_dora=cfg.use_dora,
                               use_rslora=cfg.use_rslora, init_lora_weights=init, target_modules=targets)
 
-        trained = {"unet": c.unet}
-        if cfg.train_text_encoder:
-            trained |= dict(zip(c.family.text_encoders, c.text_encoders, strict=True))
+        trained = {self.denoiser: c.denoiser}
+        if cfg.train_text_encoder:  # the CLIP encoders (T5 stays frozen, as in diffusers)
+            trained |= {name: c.text_encoder_map[name] for name in c.family.lora_text_encoders}
         errors = []
         for name, model in trained.items():
-            targets = cfg.lora_target_modules if name == "unet" else cfg.text_encoder_target_modules
-            flag = "--lora_target_modules" if name == "unet" else "--text_encoder_target_modules"
+            denoiser = name == self.denoiser
+            targets = _in_blocks(cfg.lora_target_modules, cfg.lora_blocks) if denoiser else cfg.text_encoder_target_modules
+            flag = "--lora_target_modules" if denoiser else "--text_encoder_target_modules"
             try:
-                if name == "unet":  # diffusers' Gaussian init, as its scripts
+                if denoiser:  # diffusers' Gaussian init, as its scripts
                     model.add_adapter(lora(targets, "gaussian"))
                 else:  # the same init; through peft itself, as transformers 5's `add_adapter` needs peft >= 0.22
                     config = lora(targets, "gaussian")
@@ -278,7 +304,7 @@ class DreamBoothTrainer:
                 if param.requires_grad:
                     param.data = param.data.float()  # LoRA in fp32 under mixed precision
             if self.config.memory.gradient_checkpointing:
-                if name == "unet":
+                if name == self.denoiser:
                     model.enable_gradient_checkpointing()
                 else:
                     model.gradient_checkpointing_enable()
@@ -341,9 +367,9 @@ class DreamBoothTrainer:
         groups = []
         for name, model in self.trained.items():
             params = [p for p in model.parameters() if p.requires_grad]
-            unet = name == "unet"
-            groups.append({"params": params, "lr": lr if unet else te_lr,
-                           "weight_decay": cfg.adam_weight_decay if unet else cfg.adam_weight_decay_text_encoder})
+            denoiser = name == self.denoiser
+            groups.append({"params": params, "lr": lr if denoiser else te_lr,
+                           "weight_decay": cfg.adam_weight_decay if denoiser else cfg.adam_weight_decay_text_encoder})
         betas = (cfg.adam_beta1, cfg.adam_beta2)
         if cfg.optimizer == "prodigy":
             import prodigyopt
@@ -449,22 +475,14 @@ class DreamBoothTrainer:
         """The loss of one micro-batch; its randomness is keyed by (seed, epoch, batch, process)."""
         c, cfg = self.components, self.config
         gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, batch_index, self.accelerator.process_index))
-        latents = self._latents(batch, gen)  # (B, 4, h, w)
+        latents = self._latents(batch, gen)  # (B, C, h, w)
         noise = sample_noise(latents, cfg.optim.noise_offset, gen)
-        timesteps = torch.randint(0, c.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-        timesteps = timesteps.to(latents.device)
-        noisy = c.noise_scheduler.add_noise(latents, noise, timesteps)
+        noised = self.objective.add_noise(latents, noise, gen)
         embeds, pooled = self._prompt_embeds(batch["prompts"])
-        added = None
-        if c.family.micro_conditioning:
-            target_size = latents.shape[-2] * 8, latents.shape[-1] * 8
-            ids = time_ids(batch["original_sizes"], batch["crop_top_lefts"], target_size, latents.device, embeds.dtype)
-            added = {"text_embeds": pooled, "time_ids": ids}
-        pred = self.wrapped["unet"](noisy, timesteps, embeds, added_cond_kwargs=added).sample
-        target = training_target(c.noise_scheduler, latents, noise, timesteps)
+        inputs = DenoiserInput(noised.noisy, noised.timesteps, embeds, pooled, batch, cfg.model.guidance_scale)
+        pred = c.family.predict(self.wrapped[self.denoiser], inputs)
         is_class = batch["is_class"].to(pred.device)  # (B,)
-        return dreambooth_loss(pred, target, timesteps, is_class, c.noise_scheduler, cfg.optim.snr_gamma,
-                               cfg.data.prior_loss_weight)
+        return self.objective.loss(pred, latents, noise, noised, is_class)
 
     def _latents(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
         """Scaled VAE latents in the UNet's dtype, sampled from the posterior with ``gen``."""
@@ -503,8 +521,7 @@ class DreamBoothTrainer:
         per distinct prompt (frozen encoders give the same embeddings every time)."""
         c = self.components
         if self.config.lora.train_text_encoder:
-            encoders = [self.wrapped[name] for name in c.family.text_encoders]
-            return c.encode_prompts(prompts, encoders)
+            return c.encode_prompts(prompts, {name: self.wrapped[name] for name in c.family.lora_text_encoders})
         missing = sorted({p for p in prompts if p not in self._prompt_cache})
         if missing:
             with torch.no_grad():
@@ -512,7 +529,7 @@ class DreamBoothTrainer:
             for i, prompt in enumerate(missing):
                 self._prompt_cache[prompt] = (embeds[i], None if pooled is None else pooled[i])
         embeds = torch.stack([self._prompt_cache[p][0] for p in prompts])
-        pooled = None if c.family.name == "sd" else torch.stack([self._prompt_cache[p][1] for p in prompts])
+        pooled = None if self._prompt_cache[prompts[0]][1] is None else torch.stack([self._prompt_cache[p][1] for p in prompts])
         return embeds, pooled
 
     def _check_finite(self, loss: torch.Tensor) -> None:
@@ -542,7 +559,7 @@ class DreamBoothTrainer:
         logs = {"loss": self.losses[-1], "lr": self.lr_scheduler.get_last_lr()[0]}
         for name, perturber in self.perturbers.items():
             stats = perturber.stats()
-            logs |= stats if name == "unet" else {f"{k}_{name}": v for k, v in stats.items()}
+            logs |= stats if name == self.denoiser else {f"{k}_{name}": v for k, v in stats.items()}
         if not self.perturbers:
             logs["flat_lora/rho_t"] = 0.0
         progress.update(1)
@@ -569,14 +586,15 @@ class DreamBoothTrainer:
     # checkpoints
 
     def _lora_views(self) -> dict[str, torch.Tensor]:
-        """Every trained tensor under its name in `pytorch_lora_weights.safetensors` (diffusers format),
-        as a view of the parameter: copying into the views loads a checkpoint."""
-        from diffusers.utils import convert_state_dict_to_diffusers
+        """Every trained tensor under its name in `pytorch_lora_weights.safetensors`, as a view of the
+        parameter: copying into the views loads a checkpoint."""
         from peft.utils import get_peft_model_state_dict
+
+        from flatlora_diffusion.adapters import file_state_dict
 
         views = {}
         for name, model in self.trained.items():
-            state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=ADAPTER))
+            state = file_state_dict(get_peft_model_state_dict(model, adapter_name=ADAPTER), self.components.family.name)
             views |= {f"{name}.{key}": value for key, value in state.items()}
         return views
 
@@ -698,9 +716,9 @@ class DreamBoothTrainer:
             c = self.components
             if getattr(self, "_validation_pipe", None) is None:
                 self._validation_pipe = pipeline_from_models(
-                    c.path, unet=c.unet, vae=c.vae, device=self.accelerator.device, dtype=self.weight_dtype,
-                    text_encoders=dict(zip(c.family.text_encoders, c.text_encoders, strict=True)),
-                    revision=self.config.model.revision, variant=self.config.model.variant,
+                    c.path, denoiser={self.denoiser: c.denoiser}, vae=c.vae, device=self.accelerator.device,
+                    dtype=self.weight_dtype, text_encoders=c.text_encoder_map, revision=self.config.model.revision,
+                    variant=self.config.model.variant,
                 )
             start, images = time.perf_counter(), []
             for index, settings in enumerate(self._sample_settings()):
@@ -747,10 +765,10 @@ class DreamBoothTrainer:
             "final_loss": self.losses[-1] if self.losses else None,
         }
         return adapters.save_adapter(
-            folder, pipeline_class=getattr(diffusers, c.family.pipeline_class), unet=c.unet,
-            text_encoders={name: model for name, model in self.trained.items() if name != "unet"},
+            folder, pipeline_class=getattr(diffusers, c.family.pipeline_class), denoiser=(self.denoiser, c.denoiser),
+            text_encoders={name: model for name, model in self.trained.items() if name != self.denoiser},
             base_model=cfg.model.pretrained_model_name_or_path,
-            prediction_type=c.noise_scheduler.config.prediction_type,
+            prediction_type=c.noise_scheduler.config.get("prediction_type", c.family.objective),
             lora_config=asdict(cfg.lora) | {"lora_alpha": cfg.lora.alpha},
             flat_lora=cfg.flat.to_dict() if cfg.flat.rho > 0 else None,
             training=training, kohya=kohya, adapter_name=ADAPTER, published_as=published_as,
@@ -857,6 +875,15 @@ class DreamBoothTrainer:
             perturber.remove()
         if getattr(self, "accelerator", None) is not None:
             self.accelerator.end_training()
+
+
+def _in_blocks(modules: list[str], blocks: list[str] | None) -> list[str] | str:
+    """peft targets: ``modules`` everywhere, or (``--lora_blocks``) only inside those `transformer_blocks`
+    (a regular expression on the module path, which peft matches in full)."""
+    if blocks is None:
+        return modules
+    names = "|".join(re.escape(m) for m in modules)
+    return rf"transformer_blocks\.({'|'.join(str(int(b)) for b in blocks)})\.(.*\.)?({names})"
 
 
 # Bad input and stopped runs: the entry point prints these without a traceback.

@@ -18,14 +18,12 @@ import torch
 from flatlora_diffusion import adapters as adapter_io
 from flatlora_diffusion.dreambooth import data as db_data
 from flatlora_diffusion.dreambooth.models import (
+    DenoiserInput,
     ModelError,
-    diffusion_loss,
     load_components,
     resolve_model_path,
-    sample_noise,
-    time_ids,
-    training_target,
 )
+from flatlora_diffusion.dreambooth.objectives import diffusion_loss, sample_noise, training_target
 from flatlora_diffusion.flat_lora import mix_seed
 from flatlora_diffusion.flatness.config import FlatnessConfig, FlatnessError
 from flatlora_diffusion.flatness.meter import target_layers
@@ -120,12 +118,15 @@ class DiffusionWorld:
                                                   vae_path=None, prediction_type=None, weight_dtype=self.dtype)
         except ModelError as err:
             raise FlatnessError([str(err).replace("`--pretrained_model_name_or_path`", "`--base`")]) from err
-        for model in (*c.text_encoders, c.vae, c.unet):
+        if c.family.objective != "ddpm":
+            raise FlatnessError([f"`--base` `{cfg.base}` is {c.family.name.upper()}: the flatness meter measures "
+                                 "SD/SDXL (DDPM) adapters and LLM adapters; flow-matching models are not supported."])
+        for model in (*c.text_encoders, c.vae, c.denoiser):
             model.to(self.device)
-        encoders = dict(zip(c.family.text_encoders, c.text_encoders, strict=True))
-        self.models = {"unet": c.unet, **encoders}
-        self.pipe = pipeline_from_models(c.path, unet=c.unet, text_encoders=encoders, vae=c.vae, device=self.device,
-                                         dtype=self.dtype)
+        encoders = c.text_encoder_map
+        self.models = {"unet": c.denoiser, **encoders}
+        self.pipe = pipeline_from_models(c.path, denoiser={"unet": c.denoiser}, text_encoders=encoders, vae=c.vae,
+                                         device=self.device, dtype=self.dtype)
         errors = []
         prediction = c.noise_scheduler.config.prediction_type
         for name, folder in cfg.adapters.items():
@@ -152,7 +153,7 @@ class DiffusionWorld:
         trained = {info.training.get("resolution") for info in self.infos.values()}
         if len(trained) == 1 and isinstance(next(iter(trained)), int):
             return next(iter(trained))
-        return self.components.unet.config.sample_size * 8
+        return self.components.denoiser.config.sample_size * 8
 
     def _build_triples(self) -> None:
         """Latents (N, C, h, w), noise, timesteps (N,), noisy latents, targets and prompts, once."""
@@ -180,11 +181,8 @@ class DiffusionWorld:
         self.target = training_target(c.noise_scheduler, latents, noise, self.timesteps)
         self.prompts = [examples[i]["prompt"] for i in picks]
         self.images = [examples[i]["cache_key"].split("|")[0] for i in picks]
-        self.time_ids = None
-        if c.family.micro_conditioning:
-            self.time_ids = time_ids([examples[i]["original_size"] for i in picks],
-                                     [examples[i]["crop_top_left"] for i in picks], (size, size), self.device,
-                                     self.dtype)
+        self.sizes = {"original_sizes": [examples[i]["original_size"] for i in picks],  # SDXL's micro-conditioning
+                      "crop_top_lefts": [examples[i]["crop_top_left"] for i in picks]}
 
     def describe(self) -> dict:
         """What the held-out set is, for the report."""
@@ -219,11 +217,10 @@ class DiffusionWorld:
             losses = []
             for start in range(0, len(self.prompts), self.config.batch_size):
                 part = slice(start, start + self.config.batch_size)
-                added = None
-                if self.time_ids is not None:
-                    added = {"text_embeds": pooled[part], "time_ids": self.time_ids[part]}
-                pred = self.components.unet(self.noisy[part], self.timesteps[part], embeds[part],
-                                            added_cond_kwargs=added).sample
+                batch = {key: value[part] for key, value in self.sizes.items()}
+                inputs = DenoiserInput(self.noisy[part], self.timesteps[part], embeds[part],
+                                       None if pooled is None else pooled[part], batch)
+                pred = self.components.family.predict(self.components.denoiser, inputs)
                 losses.append(diffusion_loss(pred, self.target[part], self.timesteps[part],
                                              self.components.noise_scheduler, None))
             return torch.cat(losses).mean().item()
