@@ -352,7 +352,7 @@ class GSM8KConfig(LLMConfig):
 
 @dataclass
 class HumanEvalConfig(LLMConfig):
-    """`python -m eval humaneval`: pass@1 of greedy completions, executed in a sandboxed subprocess."""
+    """`python -m eval humaneval`: pass@1 of completions, executed in a sandboxed subprocess."""
 
     data: str | None = field(
         default=None,
@@ -369,11 +369,30 @@ class HumanEvalConfig(LLMConfig):
         metadata=_help("Run the programs even where bubblewrap cannot isolate them (Python-level guards only, not a "
                        "security boundary: use it only inside a disposable VM or container without network)."),
     )
+    protocol: str = field(
+        default="project",
+        metadata=_help("`project`: the bare prompt, one greedy completion per task; `reference`: the Flat-LoRA "
+                       "reference's scheme: the prompt inside an instruction with a ```python fence, the code taken "
+                       "from the reply's fence, `--num_samples` sampled replies per task, pass@1 over them.",
+                       choices=("project", "reference")),
+    )
+    num_samples: int = field(default=5, metadata=_help("`reference` protocol: sampled completions per task."))
+    temperature: float = field(default=0.2, metadata=_help("`reference` protocol: sampling temperature."))
+    top_p: float = field(default=0.95, metadata=_help("`reference` protocol: nucleus-sampling mass."))
+    seed: int = field(default=0, metadata=_help("`reference` protocol: seed of the sampling."))
 
     def _check(self) -> list[str]:
         errors = super()._check()
         if self.data is None:
             errors.append("`data` is required: a HumanEval JSONL file or `--data openai/openai_humaneval`.")
+        if self.protocol not in ("project", "reference"):
+            errors.append(f"`protocol` must be `project` or `reference`, got {self.protocol!r}.")
+        if self.num_samples < 1:
+            errors.append(f"`num_samples` must be >= 1, got {self.num_samples}.")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            errors.append(f"`temperature` must be > 0 (the `reference` protocol samples), got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            errors.append(f"`top_p` must be in (0, 1], got {self.top_p}.")
         if not (math.isfinite(self.timeout) and self.timeout > 0):
             errors.append(f"`timeout` must be a positive number of seconds, got {self.timeout}.")
         if self.memory_mb < 64:

@@ -1,4 +1,4 @@
-"""HumanEval pass@1: greedy completions, each checked by running it in `eval.sandbox` (a separate process).
+"""HumanEval pass@1: completions, each checked by running it in `eval.sandbox` (a separate process).
 
     problems = load_problems("HumanEval.jsonl.gz")
     result = check_completions(problems, completions, Limits(timeout_s=10))
@@ -9,6 +9,17 @@ HumanEval paper; it passes only when the sandbox saw it run to its end, i.e. ``c
 paper's stop sequences (a new top-level ``def``/``class``/``if``/``print``/comment); a completion
 that wraps its code in a Markdown fence (chat models) is unwrapped, and if it restates the whole
 function it redefines the prompt's stub (the prompt's helpers stay).
+
+Two protocols (`--protocol`, recorded in the result JSON):
+
+* ``project`` (default): the bare prompt, one greedy completion per task, pass@1 = the share of
+  tasks whose completion passes;
+* ``reference``: the scheme of the Flat-LoRA reference scripts: the prompt inside an instruction
+  that asks for the completed function in a ```python fence (`REFERENCE_INSTRUCTION`; the wording
+  is this project's, the reference's own text was not available), the code taken from the reply's
+  first fence, ``num_samples`` sampled replies per task (default 5, temperature 0.2, top-p 0.95),
+  and pass@1 = the mean over tasks of the share of a task's samples that pass (the unbiased
+  estimator of Chen et al. with k = 1).
 """
 
 from __future__ import annotations
@@ -25,13 +36,15 @@ from eval.config import HumanEvalConfig
 from eval.data import load_rows
 from eval.environment import environment
 from eval.errors import EvalError
-from eval.llm import greedy_generate, load_causal_lm, truncate_at
+from eval.llm import greedy_generate, load_causal_lm, sample_generate, truncate_at
 from eval.sandbox import Execution, Limits, require_isolation, run_python
 from flatlora_diffusion.files import write_text
 
 FIELDS = ("task_id", "prompt", "test", "entry_point")
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # Chen et al. 2021
 _FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.DOTALL)
+REFERENCE_INSTRUCTION = ("Complete the following Python function. Reply with the whole function in a single "
+                         "```python code block.\n\n```python\n{prompt}```\n")
 
 
 def load_problems(data: str, split: str = "test", limit: int | None = None) -> list[dict]:
@@ -78,19 +91,44 @@ def check_completions(problems: list[dict], completions: list[str], limits: Limi
 
 
 def evaluate(model, tokenizer, problems: list[dict], config: HumanEvalConfig) -> dict:
-    """pass@1 of greedy completions, with one record per task."""
-    generations = greedy_generate(model, tokenizer, [p["prompt"] for p in problems], batch_size=config.batch_size,
-                                  max_new_tokens=config.max_new_tokens, stop=() if config.chat_template else STOP,
+    """pass@1 under ``config.protocol``, with one record per task (its completions and their runs)."""
+    reference = config.protocol == "reference"
+    if reference:
+        prompts = [REFERENCE_INSTRUCTION.format(prompt=p["prompt"]) for p in problems]
+        samples = sample_generate(model, tokenizer, prompts, num_samples=config.num_samples,
+                                  temperature=config.temperature, top_p=config.top_p, seed=config.seed,
+                                  batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
                                   chat=config.chat_template, desc="humaneval")
-    completions = [clean_completion(p, g) for p, g in zip(problems, generations, strict=True)]
+    else:
+        stop = () if config.chat_template else STOP
+        samples = [[g] for g in greedy_generate(model, tokenizer, [p["prompt"] for p in problems],
+                                                batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
+                                                stop=stop, chat=config.chat_template, desc="humaneval")]
+    completions = [[clean_completion(p, g) for g in texts] for p, texts in zip(problems, samples, strict=True)]
     limits = Limits(timeout_s=config.timeout, memory_mb=config.memory_mb)
-    runs = check_completions(problems, completions, limits, config.workers, config.unsafe_sandbox)
-    records = [{"task_id": p["task_id"], "completion": c, **r.to_dict()}
-               for p, c, r in zip(problems, completions, runs, strict=True)]
-    passed = sum(r.passed for r in runs)
-    return {"pass@1": passed / len(problems), "passed": passed, "n": len(problems),
-            "timeouts": sum(r.status == "timeout" for r in runs), "sandbox": require_isolation(config.unsafe_sandbox),
-            "records": records}
+    flat = [(p, c) for p, cs in zip(problems, completions, strict=True) for c in cs]
+    runs = iter(check_completions([p for p, _ in flat], [c for _, c in flat], limits, config.workers,
+                                  config.unsafe_sandbox))
+    records, shares, timeouts = [], [], 0
+    for problem, task_completions in zip(problems, completions, strict=True):
+        task_runs = [next(runs) for _ in task_completions]
+        passed = sum(r.passed for r in task_runs)
+        shares.append(pass_at_k(len(task_runs), passed, 1))
+        timeouts += sum(r.status == "timeout" for r in task_runs)
+        if reference:
+            records.append({"task_id": problem["task_id"], "passed": passed, "samples": len(task_runs),
+                            "completions": [{"completion": c, "passed": r.passed, **r.to_dict()}
+                                            for c, r in zip(task_completions, task_runs, strict=True)]})
+        else:
+            records.append({"task_id": problem["task_id"], "completion": task_completions[0], "passed": passed,
+                            **task_runs[0].to_dict()})
+    result = {"protocol": config.protocol, "pass@1": sum(shares) / len(problems),
+              "passed": sum(int(r["passed"]) for r in records), "n": len(problems),  # passing completions
+              "timeouts": timeouts, "sandbox": require_isolation(config.unsafe_sandbox), "records": records}
+    if reference:
+        result |= {"samples_per_task": config.num_samples, "temperature": config.temperature, "top_p": config.top_p,
+                   "instruction": REFERENCE_INSTRUCTION}
+    return result
 
 
 def main(config: HumanEvalConfig) -> int:

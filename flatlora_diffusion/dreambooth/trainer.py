@@ -265,7 +265,7 @@ class DreamBoothTrainer:
             db_data.generate_class_images(
                 pipe, cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images,
                 sample_batch_size=cfg.sample_batch_size, steps=cfg.class_num_inference_steps, seed=self.seed,
-                resolution=cfg.resolution if cfg.resolution >= 64 else None,
+                resolution=max(cfg.resolution, 64),  # the sampler's minimum side
             )
             del pipe
         self.accelerator.wait_for_everyone()
@@ -694,7 +694,7 @@ class DreamBoothTrainer:
         from flatlora_diffusion.sampling import SampleSettings
 
         v, res = self.config.validation, self.config.data.resolution
-        size = res if res >= 64 else None  # the sampler's minimum side; tiny models then use their native 64
+        size = max(res, 64)  # the sampler's minimum side (the tiny UNets' native size)
         return [SampleSettings(prompt=prompt, negative_prompt=v.validation_negative_prompt,
                                num_images=v.num_validation_images, seed=self.seed,
                                steps=v.validation_num_inference_steps, guidance_scale=v.validation_guidance_scale,
