@@ -16,6 +16,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 from flatlora_diffusion.sweep.plan import (
     RunKey,
     Subject,
@@ -104,7 +106,9 @@ def trainer_values(config: SweepConfig, subjects: list[Subject]) -> dict:
 def evaluate(config: SweepConfig, root: Path, subjects: list[Subject]) -> dict:
     """Score every (ρ, seed) run and the base model with `python -m eval dreambench` in one call, so every
     run gets images of the same prompts and seeds (it generates only missing images: resumable)."""
-    values = trainer_values(config, subjects)
+    # The first run's resolved `config.yaml`: the settings the trainer filled from the model family
+    # (e.g. the validation guidance) are there, not in the flags.
+    values = yaml.safe_load((config.run_dir(config.grid()[0]) / "config.yaml").read_text())
     runs = ["base=none"] + [f"rho{r:g}-seed{s}={config.group_dir(r, s)}" for r in config.rhos for s in config.seeds]
     command = [sys.executable, "-m", "eval", "dreambench", "--base", values["pretrained_model_name_or_path"],
                "--adapters", *runs, "--dataset", str(root), "--subjects", *[s.name for s in subjects],
