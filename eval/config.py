@@ -380,6 +380,12 @@ class HumanEvalConfig(LLMConfig):
     temperature: float = field(default=0.2, metadata=_help("`reference` protocol: sampling temperature."))
     top_p: float = field(default=0.95, metadata=_help("`reference` protocol: nucleus-sampling mass."))
     seed: int = field(default=0, metadata=_help("`reference` protocol: seed of the sampling."))
+    instruction: str | None = field(
+        default=None,
+        metadata=_help("`reference` protocol: the instruction around each prompt, with `{prompt}` where the prompt "
+                       "goes (default: `eval.humaneval.REFERENCE_INSTRUCTION`); pass the reference's own text to "
+                       "match it exactly."),
+    )
 
     def _check(self) -> list[str]:
         errors = super()._check()
@@ -393,6 +399,8 @@ class HumanEvalConfig(LLMConfig):
             errors.append(f"`temperature` must be > 0 (the `reference` protocol samples), got {self.temperature}.")
         if not 0 < self.top_p <= 1:
             errors.append(f"`top_p` must be in (0, 1], got {self.top_p}.")
+        if self.instruction is not None and "{prompt}" not in self.instruction:
+            errors.append("`instruction` must contain `{prompt}`, where each task's prompt is put.")
         if not (math.isfinite(self.timeout) and self.timeout > 0):
             errors.append(f"`timeout` must be a positive number of seconds, got {self.timeout}.")
         if self.memory_mb < 64:

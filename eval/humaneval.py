@@ -15,8 +15,9 @@ Two protocols (`--protocol`, recorded in the result JSON):
 * ``project`` (default): the bare prompt, one greedy completion per task, pass@1 = the share of
   tasks whose completion passes;
 * ``reference``: the scheme of the Flat-LoRA reference scripts: the prompt inside an instruction
-  that asks for the completed function in a ```python fence (`REFERENCE_INSTRUCTION`; the wording
-  is this project's, the reference's own text was not available), the code taken from the reply's
+  that asks for the completed function in a ```python fence (`--instruction`, default
+  `REFERENCE_INSTRUCTION`, whose wording is this project's: the reference's own text was not
+  available), the code taken from the reply's
   first fence, ``num_samples`` sampled replies per task (default 5, temperature 0.2, top-p 0.95),
   and pass@1 = the mean over tasks of the share of a task's samples that pass (the unbiased
   estimator of Chen et al. with k = 1).
@@ -94,7 +95,8 @@ def evaluate(model, tokenizer, problems: list[dict], config: HumanEvalConfig) ->
     """pass@1 under ``config.protocol``, with one record per task (its completions and their runs)."""
     reference = config.protocol == "reference"
     if reference:
-        prompts = [REFERENCE_INSTRUCTION.format(prompt=p["prompt"]) for p in problems]
+        instruction = config.instruction or REFERENCE_INSTRUCTION
+        prompts = [instruction.replace("{prompt}", p["prompt"]) for p in problems]
         samples = sample_generate(model, tokenizer, prompts, num_samples=config.num_samples,
                                   temperature=config.temperature, top_p=config.top_p, seed=config.seed,
                                   batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
@@ -127,7 +129,7 @@ def evaluate(model, tokenizer, problems: list[dict], config: HumanEvalConfig) ->
               "timeouts": timeouts, "sandbox": require_isolation(config.unsafe_sandbox), "records": records}
     if reference:
         result |= {"samples_per_task": config.num_samples, "temperature": config.temperature, "top_p": config.top_p,
-                   "instruction": REFERENCE_INSTRUCTION}
+                   "instruction": instruction}
     return result
 
 

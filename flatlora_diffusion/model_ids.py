@@ -1,6 +1,6 @@
 """Built-in model ids, resolved to local folders that load with the usual `from_pretrained` calls.
 
-* ``tiny:sd``, ``tiny:sd-v``, ``tiny:sdxl``, ``tiny:sd3``, ``tiny:flux``: tiny random pipelines (`flatlora_diffusion.tiny`, seed 0),
+* ``tiny:sd``, ``tiny:sd-v``, ``tiny:sdxl``, ``tiny:sd3``, ``tiny:flux``, ``tiny:flux-schnell``: tiny random pipelines (`flatlora_diffusion.tiny`, seed 0),
   built on first use into ``$FLATLORA_CACHE`` (default ``~/.cache/flatlora_diffusion``); for fast tests
   of code paths.
 * ``toy:sd``, ``toy:clip``, ``toy:vit``, ``toy:oracle``: the pretrained toy world shipped in the package
@@ -20,7 +20,8 @@ from pathlib import Path
 
 # `tiny:NAME` -> (tiny.py kind, its builder's options).
 TINY_MODELS = {"tiny:sd": ("sd", {"prediction_type": "epsilon"}), "tiny:sd-v": ("sd", {"prediction_type": "v_prediction"}),
-               "tiny:sdxl": ("sdxl", {"prediction_type": "epsilon"}), "tiny:sd3": ("sd3", {}), "tiny:flux": ("flux", {})}
+               "tiny:sdxl": ("sdxl", {"prediction_type": "epsilon"}), "tiny:sd3": ("sd3", {}), "tiny:flux": ("flux", {}),
+               "tiny:flux-schnell": ("flux", {"guidance_embeds": False})}
 
 
 class ModelIdError(ValueError):

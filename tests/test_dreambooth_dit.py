@@ -46,7 +46,7 @@ def model(request, tiny_sd3_path, tiny_flux_path) -> Path:
     return {"sd3": tiny_sd3_path, "flux": tiny_flux_path}[request.getfixturevalue("family")]
 
 
-def argv(model: Path, out: Path, *extra: str, steps: int = 2, seed: int = 0) -> list[str]:
+def argv(model: Path | str, out: Path, *extra: str, steps: int = 2, seed: int = 0) -> list[str]:
     """32 px, batch 2, a few steps, no tracker, no validation."""
     return ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(demo_subject_dir()),
             "--instance_prompt", PROMPT, "--output_dir", str(out), "--resolution", "32", "--train_batch_size", "2",
@@ -287,6 +287,13 @@ def test_family_bad_input_errors_before_training(family, extra, match, model, tm
     with pytest.raises(DreamBoothError, match=match):
         train(argv(model, out, *extra))
     assert not any(out.rglob("*.safetensors"))
+
+
+def test_flux_without_guidance_embedding_trains_and_refuses_guidance_scale(tmp_path):
+    trainer = train(argv("tiny:flux-schnell", tmp_path / "out", steps=1))  # a schnell-style transformer
+    assert trainer.config.model.guidance_scale is None and all(torch.isfinite(torch.tensor(trainer.losses)))
+    with pytest.raises(DreamBoothError, match=r"`--guidance_scale`: the transformer of `tiny:flux-schnell`"):
+        train(argv("tiny:flux-schnell", tmp_path / "again", "--guidance_scale", "3.5", steps=1))
 
 
 def test_flow_matching_flags_on_sd_are_refused(tiny_sd_path, tmp_path):

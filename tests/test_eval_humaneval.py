@@ -168,7 +168,11 @@ def test_reference_protocol_samples_five_fenced_replies_per_task(tiny_llama_path
     assert [c["completion"] for r in again for c in r["completions"]] == [
         c["completion"] for r in records for c in r["completions"]]
     assert json.loads(out.read_text())["pass@1"] == first["pass@1"]
-    capsys.readouterr()
+    assert cli.main([*argv, "--instruction", "Write the code.\n{prompt}"]) == 0
+    assert seen[-1][0][0] == "Write the code.\n" + PROBLEM["prompt"]
+    assert json.loads(out.read_text())["instruction"] == "Write the code.\n{prompt}"
+    assert cli.main([*argv, "--instruction", "no placeholder"]) == 2
+    assert "`instruction` must contain `{prompt}`" in capsys.readouterr().err
 
 
 def test_reference_pass_at_1_is_the_mean_share_of_passing_samples(monkeypatch) -> None:
