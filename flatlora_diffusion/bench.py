@@ -50,6 +50,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
+from flatlora_diffusion.dreambooth.models import JOINT_ATTENTION, UNET_ATTENTION
 from flatlora_diffusion.files import write_text
 from flatlora_diffusion.flat_lora import (
     FlatLoraConfig,
@@ -59,8 +60,8 @@ from flatlora_diffusion.flat_lora import (
     resolve_sampler,
 )
 
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-DIT_TARGETS = [*TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+TARGETS = list(UNET_ATTENTION)  # the trainer's default LoRA targets of each family
+DIT_TARGETS = list(JOINT_ATTENTION)
 VARIANTS = ("lora", "flat", "flat_gaussian", "reference")
 TRAINER_TARGET = 1.10  # whole trainer step, Flat-LoRA over LoRA, at the toy/tiny scale (issue 10)
 CORE_TARGET = 1.03  # UNet step of SD1.5 at 256 px on CPU

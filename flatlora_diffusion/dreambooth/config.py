@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from flatlora_diffusion.dreambooth.data import RESAMPLE
+from flatlora_diffusion.dreambooth.objectives import WEIGHTING_SCHEMES
 from flatlora_diffusion.files import write_text
 from flatlora_diffusion.flat_lora import SAMPLER_CHOICES, SCHEDULES, FlatLoraConfig
 from flatlora_diffusion.typed_config import help_field as _f
@@ -51,7 +52,6 @@ FAMILY_DEFAULTS = {
              "weighting_scheme": "none", "precondition_outputs": False, "max_sequence_length": 512},
 }
 FLUX_GUIDANCE_SCALE = 3.5  # diffusers' `train_dreambooth_lora_flux.py --guidance_scale` default
-WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
 FLOW_MATCHING_FLAGS = ("weighting_scheme", "precondition_outputs", "max_sequence_length", "guidance_scale",
                        "lora_blocks")
 # Flags of diffusers' SD/SDXL DreamBooth LoRA scripts that this trainer refuses, and why.

@@ -198,7 +198,6 @@ FAMILIES = {
         _encode_flux, _predict_flux, objective="flow_matching", scheduler_class="FlowMatchEulerDiscreteScheduler",
         vae_fp32=False, lora_targets=JOINT_ATTENTION, trainable_text_encoders=("text_encoder",), latent_packing=2),
 }
-FAMILY_NAMES = {family.name: family for family in FAMILIES.values()}
 
 
 # ---------------------------------------------------------------------------------------------
