@@ -22,7 +22,10 @@ How this implementation differs from the paper's reference code:
 * **DoRA.** The noise perturbs the direction that DoRA's magnitude scales, with and without
   ``lora_dropout`` (see :func:`_dora_noise_scale`).
 * **Cheap.** Only O(out_features) state per layer (the cached ``‖W_i‖²`` and ``σ_i``); per draw, the
-  keys and row signs of all layers come from one generator in one call each. Merged row
+  keys and row signs of all layers come from one generator in one call each. Small models (all
+  perturbed layers together at most `KEEP_PERTURBED_BYTES` in fp32, e.g. the toy and tiny ones)
+  instead keep each layer's ``W + ε`` for the whole draw: forward is then a plain linear and
+  backward needs no rebuild, which removes the fixed per-layer cost that dominates small layers. Merged row
   norms are computed without materialising ``B·A``:
   ``‖W_i + sB_iA‖² = ‖W_i‖² + 2s·(W Aᵀ)_i·B_i + s²·B_i (A Aᵀ) B_iᵀ``, on the layer's first
   forward of a draw, right before ``W`` is read anyway.
@@ -63,6 +66,9 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 _MASK64 = (1 << 64) - 1
+# Keep every layer's `W + ε` for the draw (plain linears, no rebuild in backward) when all perturbed
+# weights together take at most this much in fp32; larger models rebuild it in a shared workspace.
+KEEP_PERTURBED_BYTES = 64 * 2**20
 
 
 def cosine_schedule(step: int, total_steps: int) -> float:
@@ -267,12 +273,21 @@ class PooledSampler:
             pool = self._pools[(device, dtype)] = self._pools[(device, torch.float32)].to(dtype)
         return pool[key : key + shape[0] * shape[1]].view(shape)
 
-    def perturbed_weight(self, weight: torch.Tensor, noise: _LayerNoise, dtype: torch.dtype) -> torch.Tensor:
-        """``W + σ ⊙ Z`` in ``dtype``, in one pass into the shared workspace; ``W`` is only read."""
+    def noise_stack(self, keys: list[int], shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The noise of several layers of one shape, (G, m, n): their pool windows gathered in one op."""
+        self.noise(keys[0], shape, device, dtype)  # casts the pool to `dtype` if not done yet
+        numel = shape[0] * shape[1]
+        index = torch.tensor(keys, device=device).unsqueeze(1) + torch.arange(numel, device=device)  # (G, m·n)
+        return self._pools[(device, dtype)][index].view(len(keys), *shape)
+
+    def perturbed_weight(self, weight: torch.Tensor, noise: _LayerNoise, dtype: torch.dtype,
+                         keep: bool = False) -> torch.Tensor:
+        """``W + σ ⊙ Z`` in ``dtype``, in one pass into the shared workspace (``keep``: a tensor of its
+        own); ``W`` is only read."""
         z = noise.cache.get(("z", dtype))  # the layer's window, a view made once per draw
         if z is None:
             z = noise.cache[("z", dtype)] = self.noise(noise.key, weight.shape, weight.device, dtype)
-        out = self._workspace.get(weight.shape, weight.device, dtype)
+        out = None if keep else self._workspace.get(weight.shape, weight.device, dtype)
         return torch.addcmul(weight if weight.dtype == dtype else weight.to(dtype), noise.sigma_as(dtype), z, out=out)
 
 
@@ -293,9 +308,16 @@ class GaussianSampler:
         """The layer's N(0, 1) noise ``Z``, regenerated from ``key``."""
         return torch.randn(shape, generator=self._generator(key, device), device=device, dtype=dtype)
 
-    def perturbed_weight(self, weight: torch.Tensor, noise: _LayerNoise, dtype: torch.dtype) -> torch.Tensor:
-        """``W + σ ⊙ Z`` in ``dtype``, in the shared workspace; ``Z`` is regenerated from the layer's key."""
-        out = self._workspace.get(weight.shape, weight.device, dtype)
+    def noise_stack(self, keys: list[int], shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The noise of several layers of one shape, (G, m, n), each regenerated from its key."""
+        return torch.stack([self.noise(key, shape, device, dtype) for key in keys])
+
+    def perturbed_weight(self, weight: torch.Tensor, noise: _LayerNoise, dtype: torch.dtype,
+                         keep: bool = False) -> torch.Tensor:
+        """``W + σ ⊙ Z`` in ``dtype``, in the shared workspace (``keep``: a tensor of its own); ``Z`` is
+        regenerated from the layer's key."""
+        out = torch.empty(weight.shape, device=weight.device, dtype=dtype) if keep else \
+            self._workspace.get(weight.shape, weight.device, dtype)
         torch.randn(weight.shape, generator=self._generator(noise.key, weight.device), out=out)
         return out.mul_(noise.sigma_as(dtype)).add_(weight)
 
@@ -340,12 +362,28 @@ class _LayerNoise:
         return col
 
 
+@dataclass
+class _LayerGroup:
+    """Perturbed layers of one weight shape, dtype and device, and their frozen weights stacked (G, m, n)."""
+
+    members: list[int]
+    weights: torch.Tensor
+
+
 def _noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sampler,
-                  noise: _LayerNoise) -> tuple[torch.Tensor, torch.dtype]:
-    """``x (W + ε)ᵀ + b`` in the compute dtype (autocast's, else x's), and that dtype."""
+                  noise: _LayerNoise, keep: bool = False) -> tuple[torch.Tensor, torch.dtype]:
+    """``x (W + ε)ᵀ + b`` in the compute dtype (autocast's, else x's), and that dtype.
+
+    ``keep``: ``W + ε`` is made once per draw and kept in the layer's noise cache (then autograd's own
+    linear backward uses it); otherwise it is built in the sampler's shared workspace."""
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    perturbed = sampler.perturbed_weight(weight, noise, dtype)
+    if keep:
+        perturbed = noise.cache.get(("w", dtype))
+        if perturbed is None:
+            perturbed = noise.cache[("w", dtype)] = sampler.perturbed_weight(weight, noise, dtype, keep=True)
+    else:
+        perturbed = sampler.perturbed_weight(weight, noise, dtype)
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
     return F.linear(x if x.dtype == dtype else x.to(dtype), perturbed, bias), dtype
@@ -452,6 +490,17 @@ class FlatLoraPerturber:
         self.sampler_name = resolve_sampler(config.sampler, self._devices)
         self.sampler = SAMPLERS[self.sampler_name]([base.weight.numel() for base in bases], config.pool_size)
         self._rows = [base.out_features for base in bases]
+        self.keep_perturbed = sum(base.weight.numel() for base in bases) * 4 <= KEEP_PERTURBED_BYTES
+        # Kept W + ε: layers of one shape are handled together (σ and W + ε as batched ops per draw).
+        self._group_of: dict[int, _LayerGroup] = {}
+        if self.keep_perturbed:
+            shapes: dict[tuple, list[int]] = {}
+            for index, base in enumerate(bases):
+                shapes.setdefault((tuple(base.weight.shape), base.weight.dtype, base.weight.device), []).append(index)
+            for members in shapes.values():
+                if len(members) > 1:
+                    group = _LayerGroup(members, torch.stack([bases[i].weight for i in members]))
+                    self._group_of |= dict.fromkeys(members, group)
         # 1/√n for every row of every layer, concatenated: the draw's row scales are one vector op.
         self._inv_sqrt_n = torch.cat([torch.full((base.out_features, 1), 1 / math.sqrt(base.in_features))
                                       for base in bases])
@@ -467,10 +516,14 @@ class FlatLoraPerturber:
             if noise is None or not base.training:
                 return F.linear(x, base.weight, base.bias)
             if noise.sigma is None:
-                self._resolve_sigma(index)
+                group = self._group_of.get(index)
+                if group is None or not self._resolve_group(group, x):
+                    self._resolve_sigma(index)
             bias = base.bias
-            if not torch.is_grad_enabled() or not (x.requires_grad or (bias is not None and bias.requires_grad)):
-                return _noisy_linear(x, base.weight, bias, self.sampler, noise)[0]  # no graph to build
+            if self.keep_perturbed or not torch.is_grad_enabled() or \
+                    not (x.requires_grad or (bias is not None and bias.requires_grad)):
+                # W + ε kept for the draw, or no graph to build: autograd's own linear (if any) suffices
+                return _noisy_linear(x, base.weight, bias, self.sampler, noise, keep=self.keep_perturbed)[0]
             return _NoisyLinear.apply(x, base.weight, bias, self.sampler, noise)
 
         return forward
@@ -507,6 +560,39 @@ class FlatLoraPerturber:
         with torch.no_grad(), torch.autocast(base.weight.device.type, enabled=False):
             row_sq = self._merged_row_norm_sq(lora, base.weight, self._weight_sq[index])
             self._set_sigma(self._noise[index], row_sq, _dora_noise_scale(lora, row_sq))
+
+    def _resolve_group(self, group: _LayerGroup, x: torch.Tensor) -> bool:
+        """σ and the kept ``W + ε`` of every layer of ``group`` in batched ops (same results as one
+        layer at a time, up to the rounding of batched matmuls); False where a layer needs the
+        per-layer path (several active adapters, DoRA, a σ already restored from a checkpoint)."""
+        loras = [self.layers[i][1] for i in group.members]
+        noises = [self._noise[i] for i in group.members]
+        actives = [[a for a in lora.active_adapters if a in lora.lora_A] for lora in loras]
+        if any(len(a) != 1 or lora.use_dora.get(a[0], False) for a, lora in zip(actives, loras, strict=True)) or \
+                any(n.sigma is not None for n in noises) or len({lora.r[a[0]] for a, lora in zip(actives, loras,
+                                                                                              strict=True)}) != 1:
+            return False
+        weights = group.weights
+        with torch.no_grad(), torch.autocast(weights.device.type, enabled=False):
+            a = torch.stack([lora.lora_A[ad[0]].weight for lora, ad in zip(loras, actives, strict=True)]).float()
+            b = torch.stack([lora.lora_B[ad[0]].weight for lora, ad in zip(loras, actives, strict=True)]).float()
+            scale = torch.tensor([lora.scaling[ad[0]] for lora, ad in zip(loras, actives, strict=True)],
+                                 device=weights.device).view(-1, 1, 1)
+            wa = torch.bmm(weights, a.to(weights.dtype).transpose(1, 2)).float()  # (G, m, R)
+            both = torch.baddbmm(wa, b, torch.bmm(a, a.transpose(1, 2)) * scale, beta=2)  # 2·WAᵀ + s·B·AAᵀ
+            weight_sq = torch.stack([self._weight_sq[i] for i in group.members])
+            row_sq = weight_sq.add((both * b).sum(2, keepdim=True) * scale).clamp_min_(0)  # (G, m, 1)
+            row_scale = torch.stack([n.row_scale for n in noises])
+            sigma = row_sq.sqrt().mul_(row_scale)
+            device_type = x.device.type
+            dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+            z = self.sampler.noise_stack([n.key for n in noises], weights.shape[1:], weights.device, dtype)
+            kept = torch.addcmul(weights.to(dtype), sigma.to(dtype), z)  # (G, m, n): W + σ ⊙ Z
+            for noise, sq, sg, w in zip(noises, row_sq.unbind(), sigma.unbind(), kept.unbind(), strict=True):
+                noise.merged_row_sq, noise.dora_scale, noise.sigma = sq, None, sg
+                noise.cache.clear()
+                noise.cache[("w", dtype)] = w
+        return True
 
     @staticmethod
     def _set_sigma(noise: _LayerNoise, row_sq: torch.Tensor, dora_scale: torch.Tensor | None) -> None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from flatlora_diffusion import flat_lora
 from flatlora_diffusion.flat_lora import (
     SCHEDULES,
     FlatLoraConfig,
@@ -19,6 +20,15 @@ from flatlora_diffusion.flat_lora import (
 )
 
 SAMPLERS = ["pooled", "gaussian"]
+
+
+@pytest.fixture(autouse=True, params=["kept", "rebuilt"])
+def weight_mode(request, monkeypatch) -> str:
+    """Every test runs both ways ``W + ε`` is made: kept for the draw (small models, the layers of one
+    shape batched) and rebuilt in forward and backward in a shared workspace (large models)."""
+    if request.param == "rebuilt":
+        monkeypatch.setattr(flat_lora, "KEEP_PERTURBED_BYTES", 0)
+    return request.param
 
 
 class TwoLayer(nn.Module):
@@ -475,3 +485,55 @@ def test_several_active_adapters_with_dora_are_rejected():
     model.base_model.set_adapter(["default", "other"])
     with pytest.raises(ValueError, match="several active adapters, one of them DoRA"):
         FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, schedule="constant"))
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_kept_and_rebuilt_perturbed_weights_give_the_same_step(sampler, weight_mode, monkeypatch):
+    """Small models keep W + ε per draw (same-shaped layers batched); large ones rebuild it in backward.
+    Both must give the same outputs and gradients; the kept path builds no custom autograd node."""
+    if weight_mode == "rebuilt":
+        pytest.skip("compares both modes itself")
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(1)).requires_grad_()  # a gradient into x too
+    results = {}
+    for mode, budget in (("kept", flat_lora.KEEP_PERTURBED_BYTES), ("rebuilt", 0)):
+        monkeypatch.setattr(flat_lora, "KEEP_PERTURBED_BYTES", budget)
+        model = lora_model()
+        perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.3, schedule="constant", sampler=sampler))
+        assert perturber.keep_perturbed == (mode == "kept")
+        assert len({id(g) for g in perturber._group_of.values()}) == (1 if mode == "kept" else 0)
+        perturber.set_step(0)
+        x.grad = None
+        out = model(x).sum()
+        custom_nodes = [node for node in _graph_nodes(out.grad_fn) if "NoisyLinear" in type(node).__name__]
+        assert len(custom_nodes) == (0 if mode == "kept" else 2)
+        out.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad} | {"x": x.grad.clone()}
+        results[mode] = (out.detach(), grads)
+        perturber.remove()
+    torch.testing.assert_close(results["kept"][0], results["rebuilt"][0], rtol=1e-5, atol=1e-6)
+    for name, grad in results["rebuilt"][1].items():
+        torch.testing.assert_close(results["kept"][1][name], grad, rtol=1e-5, atol=1e-6)
+
+
+def _graph_nodes(node, seen=None):
+    """Every autograd node reachable from ``node``."""
+    seen = set() if seen is None else seen
+    if node is None or node in seen:
+        return seen
+    seen.add(node)
+    for parent, _ in node.next_functions:
+        _graph_nodes(parent, seen)
+    return seen
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_batched_noise_equals_each_layers_noise(sampler):
+    """`noise_stack` (the kept path's one gather) gives exactly the layers' own noise."""
+    model = lora_model()
+    perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, schedule="constant", sampler=sampler))
+    perturber.set_step(3)
+    keys = [noise.key for noise in perturber._noise]
+    shape = torch.Size((64, 256))
+    stacked = perturber.sampler.noise_stack(keys, shape, torch.device("cpu"), torch.float32)
+    for g, key in enumerate(keys):
+        assert torch.equal(stacked[g], perturber.sampler.noise(key, shape, torch.device("cpu"), torch.float32))
