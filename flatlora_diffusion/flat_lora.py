@@ -276,9 +276,8 @@ class PooledSampler:
     def noise_stack(self, keys: list[int], shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The noise of several layers of one shape, (G, m, n): their pool windows gathered in one op."""
         self.noise(keys[0], shape, device, dtype)  # casts the pool to `dtype` if not done yet
-        numel = shape[0] * shape[1]
-        index = torch.tensor(keys, device=device).unsqueeze(1) + torch.arange(numel, device=device)  # (G, m·n)
-        return self._pools[(device, dtype)][index].view(len(keys), *shape)
+        windows = self._pools[(device, dtype)].unfold(0, shape[0] * shape[1], 1)  # every window, as a view
+        return windows[torch.tensor(keys, device=device)].view(len(keys), *shape)
 
     def perturbed_weight(self, weight: torch.Tensor, noise: _LayerNoise, dtype: torch.dtype,
                          keep: bool = False) -> torch.Tensor:
@@ -368,6 +367,7 @@ class _LayerGroup:
 
     members: list[int]
     weights: torch.Tensor
+    weight_sq: torch.Tensor  # (G, m, 1) fp32, ‖W_i‖² of each member
 
 
 def _noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sampler,
@@ -490,6 +490,11 @@ class FlatLoraPerturber:
         self.sampler_name = resolve_sampler(config.sampler, self._devices)
         self.sampler = SAMPLERS[self.sampler_name]([base.weight.numel() for base in bases], config.pool_size)
         self._rows = [base.out_features for base in bases]
+        # 1/√n for every row of every layer, concatenated: the draw's row scales are one vector op.
+        self._inv_sqrt_n = torch.cat([torch.full((base.out_features, 1), 1 / math.sqrt(base.in_features))
+                                      for base in bases])
+        with torch.no_grad():  # ‖W_i‖² once, (m, 1): W is frozen.
+            self._weight_sq = [base.weight.float().square().sum(1, keepdim=True) for base in bases]
         self.keep_perturbed = sum(base.weight.numel() for base in bases) * 4 <= KEEP_PERTURBED_BYTES
         # Kept W + ε: layers of one shape are handled together (σ and W + ε as batched ops per draw).
         self._group_of: dict[int, _LayerGroup] = {}
@@ -499,13 +504,9 @@ class FlatLoraPerturber:
                 shapes.setdefault((tuple(base.weight.shape), base.weight.dtype, base.weight.device), []).append(index)
             for members in shapes.values():
                 if len(members) > 1:
-                    group = _LayerGroup(members, torch.stack([bases[i].weight for i in members]))
+                    group = _LayerGroup(members, torch.stack([bases[i].weight for i in members]),
+                                        torch.stack([self._weight_sq[i] for i in members]))
                     self._group_of |= dict.fromkeys(members, group)
-        # 1/√n for every row of every layer, concatenated: the draw's row scales are one vector op.
-        self._inv_sqrt_n = torch.cat([torch.full((base.out_features, 1), 1 / math.sqrt(base.in_features))
-                                      for base in bases])
-        with torch.no_grad():  # ‖W_i‖² once, (m, 1): W is frozen.
-            self._weight_sq = [base.weight.float().square().sum(1, keepdim=True) for base in bases]
         self._noise = [None] * len(self.layers)
         for index, base in enumerate(bases):
             base.forward = self._make_forward(base, index)
@@ -580,8 +581,7 @@ class FlatLoraPerturber:
                                  device=weights.device).view(-1, 1, 1)
             wa = torch.bmm(weights, a.to(weights.dtype).transpose(1, 2)).float()  # (G, m, R)
             both = torch.baddbmm(wa, b, torch.bmm(a, a.transpose(1, 2)) * scale, beta=2)  # 2·WAᵀ + s·B·AAᵀ
-            weight_sq = torch.stack([self._weight_sq[i] for i in group.members])
-            row_sq = weight_sq.add((both * b).sum(2, keepdim=True) * scale).clamp_min_(0)  # (G, m, 1)
+            row_sq = group.weight_sq.add((both * b).sum(2, keepdim=True) * scale).clamp_min_(0)  # (G, m, 1)
             row_scale = torch.stack([n.row_scale for n in noises])
             sigma = row_sq.sqrt().mul_(row_scale)
             device_type = x.device.type
