@@ -9,6 +9,7 @@ killed process left.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -146,3 +147,30 @@ def checksums(root: str | Path, folders: Sequence[str]) -> dict[str, str]:
     root = Path(root)
     return {p.relative_to(root).as_posix(): sha256_file(p) for folder in folders
             for p in sorted((root / folder).rglob("*")) if p.is_file()}
+
+
+def recorded_run(out: str | Path, *, resume: bool, overwrite: bool, error: type[Exception]) -> dict | None:
+    """The settings an earlier resumable run recorded in ``out/state/run.json``, or None for a new run.
+
+    ``overwrite`` deletes ``out`` first. A folder that is not empty but holds no run, and ``resume``
+    without a run, raise ``error`` naming the fix; the caller compares the recorded settings with its own.
+    """
+    out = Path(out)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    run_file = out / "state" / "run.json"
+    if run_file.is_file():
+        return json.loads(run_file.read_text())["settings"]
+    if out.exists() and any(out.iterdir()):
+        raise error(f"`{out}` is not empty and holds no pretraining run. Choose another OUT_DIR or pass "
+                    "`--overwrite` to delete its contents.")
+    if resume:
+        raise error(f"`--resume`: `{out}` holds no pretraining run to resume; drop `--resume` to start one.")
+    return None
+
+
+def other_run_message(out: str | Path, recorded: Mapping, given: Mapping) -> str:
+    """Why a folder holding a run with other settings is refused, and the three ways on."""
+    return (f"`{out}` holds a pretraining run with other settings ({dict(recorded)}; this command: {dict(given)}). "
+            "Pass `--resume` to continue that run with its own settings, `--overwrite` to delete it and start "
+            "again, or choose another OUT_DIR.")

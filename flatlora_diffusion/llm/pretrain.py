@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -33,7 +32,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from flatlora_diffusion.files import atomic_dir, atomic_open, checksums, write_text
+from flatlora_diffusion.files import (
+    atomic_dir,
+    atomic_open,
+    checksums,
+    other_run_message,
+    recorded_run,
+    write_text,
+)
 from flatlora_diffusion.llm.config import LLMError
 from flatlora_diffusion.llm.language import MAX_OPERAND, document
 from flatlora_diffusion.schedules import warmup_cosine
@@ -99,22 +105,13 @@ def build_model(tokenizer, seed: int):
 
 
 def _check_folder(out: Path, settings: PretrainSettings, resume: bool, overwrite: bool) -> PretrainSettings:
-    run_file = out / "state" / "run.json"
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    if run_file.is_file():
-        previous = PretrainSettings(**json.loads(run_file.read_text())["settings"])
-        if previous == settings or resume:
-            return previous
-        raise PretrainError(f"`{out}` holds a pretraining run with other settings ({asdict(previous)}; this "
-                            f"command: {asdict(settings)}). Pass `--resume` to continue that run with its own "
-                            "settings, `--overwrite` to delete it and start again, or choose another OUT_DIR.")
-    if out.exists() and any(out.iterdir()):
-        raise PretrainError(f"`{out}` is not empty and holds no pretraining run. Choose another OUT_DIR or pass "
-                            "`--overwrite` to delete its contents.")
-    if resume:
-        raise PretrainError(f"`--resume`: `{out}` holds no pretraining run to resume; drop `--resume` to start one.")
-    return settings
+    recorded = recorded_run(out, resume=resume, overwrite=overwrite, error=PretrainError)
+    if recorded is None:
+        return settings
+    previous = PretrainSettings(**recorded)
+    if previous == settings or resume:
+        return previous
+    raise PretrainError(other_run_message(out, asdict(previous), asdict(settings)))
 
 
 def train(model, tokenizer, settings: PretrainSettings, state_file: Path, device: torch.device,

@@ -47,7 +47,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from flatlora_diffusion.files import atomic_dir, atomic_open, checksums, write_text
+from flatlora_diffusion.files import (
+    atomic_dir,
+    atomic_open,
+    checksums,
+    other_run_message,
+    recorded_run,
+    write_text,
+)
 from flatlora_diffusion.schedules import warmup_cosine
 from flatlora_diffusion.toyworld import architectures as arch
 from flatlora_diffusion.toyworld.data import ScenePool, augment, scene_mix
@@ -378,28 +385,19 @@ NEEDS = {"unet": ("vae", "clip"), "unet_continued": ("unet",)}
 
 
 def _check_folder(out: Path, settings: PretrainSettings, resume: bool, overwrite: bool) -> PretrainSettings:
-    run_file = out / "state" / "run.json"
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    if run_file.is_file():
-        previous = PretrainSettings(**{"unet_extra_steps": 0, **json.loads(run_file.read_text())["settings"]})
-        if previous == settings or resume:
-            return previous
-        extends = (previous.unet_extra_steps == 0 and replace(previous, unet_extra_steps=settings.unet_extra_steps)
-                   == settings and not (out / "state" / "unet_continued.pt").exists())
-        if extends:
-            print(f"[pretrain] extending the run in {out} with {settings.unet_extra_steps} more UNet steps",
-                  file=sys.stderr)
-            return settings
-        raise PretrainError(f"`{out}` holds a pretraining run with other settings ({asdict(previous)}, this "
-                            f"command: {asdict(settings)}). Pass `--resume` to continue that run with its own "
-                            "settings, `--overwrite` to delete it and start again, or choose another OUT_DIR.")
-    if out.exists() and any(out.iterdir()):
-        raise PretrainError(f"`{out}` is not empty and holds no pretraining run. Choose another OUT_DIR or pass "
-                            "`--overwrite` to delete its contents.")
-    if resume:
-        raise PretrainError(f"`--resume`: `{out}` holds no pretraining run to resume; drop `--resume` to start one.")
-    return settings
+    recorded = recorded_run(out, resume=resume, overwrite=overwrite, error=PretrainError)
+    if recorded is None:
+        return settings
+    previous = PretrainSettings(**{"unet_extra_steps": 0, **recorded})
+    if previous == settings or resume:
+        return previous
+    extends = (previous.unet_extra_steps == 0 and replace(previous, unet_extra_steps=settings.unet_extra_steps)
+               == settings and not (out / "state" / "unet_continued.pt").exists())
+    if extends:
+        print(f"[pretrain] extending the run in {out} with {settings.unet_extra_steps} more UNet steps",
+              file=sys.stderr)
+        return settings
+    raise PretrainError(other_run_message(out, asdict(previous), asdict(settings)))
 
 
 def pretrain(out_dir: str | Path, settings: PretrainSettings = PretrainSettings(), *, device: str = "cpu",
