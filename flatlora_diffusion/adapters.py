@@ -189,7 +189,7 @@ def save_adapter(
     model_type = model_type_of(pipeline_class)
     if kohya and model_type not in KOHYA_PREFIXES:
         raise AdapterError(f"`--output_kohya_format`: there is no kohya format for {MODEL_TYPE_NAMES[model_type]} "
-                           "LoRAs that diffusers reads back; the diffusers file loads in ComfyUI as it is. Drop the flag.")
+                           "LoRAs that diffusers reads back. Drop the flag and use `pytorch_lora_weights.safetensors`.")
     out = Path(output_dir)
     location = Path(published_as or out).resolve()
     info = AdapterInfo(

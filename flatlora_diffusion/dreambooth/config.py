@@ -646,6 +646,9 @@ class TrainConfig:
         if values["prediction_type"] is not None:
             errors.append(f"`--prediction_type` does not apply to `{model}` ({family.upper()}): flow-matching models "
                           "always predict the velocity.")
+        if family == "sd3" and values["output_kohya_format"]:
+            errors.append("`--output_kohya_format`: diffusers has no kohya converter for SD3 LoRAs, so no such file "
+                          "would load back. Drop the flag and use `pytorch_lora_weights.safetensors`.")
         if family == "flux" and values["precondition_outputs"]:
             errors.append("`--precondition_outputs` is SD3's (diffusers' SD3 script); FLUX regresses the velocity: "
                           "drop it.")
