@@ -25,7 +25,9 @@ How this implementation differs from the paper's reference code:
   keys and row signs of all layers come from one generator in one call each. Small models (all
   perturbed layers together at most `KEEP_PERTURBED_BYTES` in fp32, e.g. the toy and tiny ones)
   instead keep each layer's ``W + ε`` for the whole draw: forward is then a plain linear and
-  backward needs no rebuild, which removes the fixed per-layer cost that dominates small layers. Merged row
+  backward needs no rebuild, which removes the fixed per-layer cost that dominates small layers;
+  the layers of one weight shape get σ and ``W + ε`` in batched ops, reading their noise as one
+  view of the pool. Merged row
   norms are computed without materialising ``B·A``:
   ``‖W_i + sB_iA‖² = ‖W_i‖² + 2s·(W Aᵀ)_i·B_i + s²·B_i (A Aᵀ) B_iᵀ``, on the layer's first
   forward of a draw, right before ``W`` is read anyway.
@@ -36,13 +38,14 @@ Noise samplers (``FlatLoraConfig.sampler``):
   exact and independent across layers, as in the paper. Cheap on CUDA; on CPU Gaussian sampling
   costs more than the layer's matmul.
 * ``"pooled"``: fast on CPU, at the price of weak dependence across layers. Each draw samples
-  ``pool_size`` fresh N(0, 1) values ``P`` (twice the largest layer) and mixes them, in groups of
-  16, by up to 8 orthogonal matrices into a pool of up to 9 blocks (each block is jointly i.i.d.
-  N(0, 1); the same group in two blocks is correlated by at most 1/4). Layers take contiguous
-  windows of the pool, laid end to end in a random order, with a random sign per row: within a
-  layer the noise is exactly i.i.d. N(0, 1); a pool value is shared by ``reuse`` layers only once
-  the pool is used up (SD1.5: 3.2 instead of the 28 of a plain pool). Building ``W + σ⊙Z`` is one
-  fused ``addcmul`` pass, with no Gaussian sampling in the hot path.
+  ``pool_size`` fresh N(0, 1) values ``P`` (twice the largest layer; for small models, enough for
+  a pool of all their weights) and mixes them, in groups of 16, by up to 8 orthogonal matrices
+  into a pool of up to 9 blocks (each block is jointly i.i.d. N(0, 1); the same group in two
+  blocks is correlated by at most 1/4). Layers take contiguous windows of the pool, laid end to
+  end in a random order, with a random sign per row: within a layer the noise is exactly i.i.d.
+  N(0, 1); a pool value is shared by ``reuse`` layers only once the pool is used up (SD1.5: 3.2
+  instead of the 28 of a plain pool; small models: never). Building ``W + σ⊙Z`` is one fused
+  ``addcmul`` pass, with no Gaussian sampling in the hot path.
 * ``"auto"`` (default): ``gaussian`` where the perturbed layers are on CUDA, ``pooled`` elsewhere.
 
 Data-parallel ranks draw *different* noise by default (``noise_per_rank=True``): every rank then
@@ -69,6 +72,9 @@ _MASK64 = (1 << 64) - 1
 # Keep every layer's `W + ε` for the draw (plain linears, no rebuild in backward) when all perturbed
 # weights together take at most this much in fp32; larger models rebuild it in a shared workspace.
 KEEP_PERTURBED_BYTES = 64 * 2**20
+# The pooled sampler draws enough fresh samples for a pool that holds every layer once (no value shared
+# between layers) when that pool takes at most this much in fp32; larger models reuse a smaller pool.
+ONE_LAP_POOL_BYTES = 64 * 2**20
 
 
 def cosine_schedule(step: int, total_steps: int) -> float:
@@ -134,7 +140,8 @@ class FlatLoraConfig:
     pool_size: int | None = field(
         default=None,
         metadata={"help": "`pooled` sampler: fresh N(0,1) samples per draw (mixed into up to 9 times as many "
-                          "pool values); default twice the largest layer."},
+                          "pool values); default twice the largest layer, or for small models (a pool of all "
+                          "their weights within 64 MB) enough for every layer once."},
     )
 
     def __post_init__(self) -> None:
@@ -170,6 +177,15 @@ def mix_seed(*keys: int) -> int:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
         state = z ^ (z >> 31)
     return state & ((1 << 63) - 1)
+
+
+def runs_of_equal(keys: list) -> list[list[int]]:
+    """Indices of equal keys, in order of first appearance: the layer runs of :class:`PooledSampler`
+    (the perturber's key is a layer's weight shape, dtype and device)."""
+    runs: dict = {}
+    for index, key in enumerate(keys):
+        runs.setdefault(key, []).append(index)
+    return list(runs.values())
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
@@ -222,24 +238,37 @@ class PooledSampler:
     The pool has ``blocks`` blocks of ``fresh`` values: block 0 is the fresh samples ``P``, block k
     is ``P`` mixed in groups of 16 by the k-th orthogonal matrix of :func:`mixing_matrices`. Each
     block is jointly i.i.d. N(0, 1); the same group of two blocks is correlated by at most 1/4.
-    Layers are laid end to end in a random order per draw, so a pool value is reused only once
+    Layers are laid end to end per draw in a random order, so a pool value is reused only once
     the pool is used up (``reuse`` = perturbed weights per pool value, about 1/blocks of before).
+    Small models (a pool of all their weights within `ONE_LAP_POOL_BYTES`) get enough fresh samples
+    for one lap: no value is shared between layers. There, ``runs`` (lists of layers, e.g. those of
+    one shape) are laid in a random order with the layers of a run one after another, so that a run's
+    noise is one view of the pool (:meth:`noise_pieces`). Where the pool is reused, layers are
+    shuffled one by one instead: runs of equal sizes would repeat their offsets lap after lap,
+    making whole layers copies of each other.
     A window spans at most ``fresh - 16`` values, so it never holds two mixes of the same group:
     within a layer the noise is exactly i.i.d. N(0, 1).
     """
 
-    def __init__(self, sizes: list[int], pool_size: int | None = None) -> None:
-        largest = max(sizes)
+    def __init__(self, sizes: list[int], pool_size: int | None = None,
+                 runs: list[list[int]] | None = None) -> None:
+        largest, total = max(sizes), sum(sizes)
+        blocks = len(_KERDOCK_MASKS) + 1
         fresh = pool_size or 2 * largest
+        if pool_size is None and total * 4 <= ONE_LAP_POOL_BYTES:
+            fresh = max(fresh, -(-total // blocks))
         self.fresh = -(-fresh // _GROUP) * _GROUP
         if self.fresh < largest + _GROUP:
             raise ValueError(f"`pool_size`={pool_size} is too small: the pooled sampler needs at least the "
                              f"largest perturbed layer plus {_GROUP} ({largest + _GROUP}).")
         self.sizes = sizes
-        total = sum(sizes)
+        if runs is not None and sorted(i for run in runs for i in run) != list(range(len(sizes))):
+            raise ValueError("`runs` must hold every layer index exactly once.")
         # Enough blocks to hold every layer once (a lap wastes less than one layer at its end), at most 9.
-        self.blocks = min(len(_KERDOCK_MASKS) + 1, -(-(total + largest) // self.fresh))
+        self.blocks = min(blocks, -(-(total + largest) // self.fresh))
         self.pool_size = self.fresh * self.blocks
+        one_lap = total <= self.pool_size
+        self.runs = runs if runs is not None and one_lap else [[index] for index in range(len(sizes))]
         self.reuse = total / self.pool_size
         self._mix = mixing_matrices()[1 : self.blocks]
         self._pools: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -259,25 +288,38 @@ class PooledSampler:
             self._pools[(device, torch.float32)] = pool
         offsets = [0] * len(self.sizes)
         cursor = 0
-        for index in torch.randperm(len(self.sizes), generator=gen).tolist():
-            if cursor + self.sizes[index] > self.pool_size:
-                cursor = 0  # the pool is used up: the next lap reuses it
-            offsets[index] = cursor
-            cursor += self.sizes[index]
+        for run in torch.randperm(len(self.runs), generator=gen).tolist():
+            for index in self.runs[run]:
+                if cursor + self.sizes[index] > self.pool_size:
+                    cursor = 0  # the pool is used up: the next lap reuses it
+                offsets[index] = cursor
+                cursor += self.sizes[index]
         return offsets
 
-    def noise(self, key: int, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The layer's N(0, 1) noise ``Z``: an (m, n) view of the pool, no copy."""
+    def _pool(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The draw's pool on ``device`` in ``dtype`` (cast once per draw)."""
         pool = self._pools.get((device, dtype))
         if pool is None:
             pool = self._pools[(device, dtype)] = self._pools[(device, torch.float32)].to(dtype)
-        return pool[key : key + shape[0] * shape[1]].view(shape)
+        return pool
 
-    def noise_stack(self, keys: list[int], shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The noise of several layers of one shape, (G, m, n): their pool windows gathered in one op."""
-        self.noise(keys[0], shape, device, dtype)  # casts the pool to `dtype` if not done yet
-        windows = self._pools[(device, dtype)].unfold(0, shape[0] * shape[1], 1)  # every window, as a view
-        return windows[torch.tensor(keys, device=device)].view(len(keys), *shape)
+    def noise(self, key: int, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The layer's N(0, 1) noise ``Z``: an (m, n) view of the pool, no copy."""
+        return self._pool(device, dtype)[key : key + shape[0] * shape[1]].view(shape)
+
+    def noise_pieces(self, keys: list[int], shape: torch.Size, device: torch.device,
+                     dtype: torch.dtype) -> list[tuple[slice, torch.Tensor]]:
+        """The noise of several layers of one shape as ``(layers, (k, m, n) view of the pool)`` pieces,
+        no copy: layers whose windows follow each other in the pool share one piece."""
+        pool = self._pool(device, dtype)
+        size = shape[0] * shape[1]
+        pieces, start = [], 0
+        for stop in range(1, len(keys) + 1):
+            if stop == len(keys) or keys[stop] != keys[stop - 1] + size:
+                pieces.append((slice(start, stop), pool[keys[start] : keys[start] + (stop - start) * size]
+                               .view(stop - start, *shape)))
+                start = stop
+        return pieces
 
     def perturbed_weight(self, weight: torch.Tensor, noise: _LayerNoise, dtype: torch.dtype,
                          keep: bool = False) -> torch.Tensor:
@@ -293,7 +335,8 @@ class PooledSampler:
 class GaussianSampler:
     """Exact, independent sampling: fresh i.i.d. N(0, 1) per layer and draw, regenerated from its seed."""
 
-    def __init__(self, sizes: list[int], pool_size: int | None = None) -> None:
+    def __init__(self, sizes: list[int], pool_size: int | None = None,
+                 runs: list[list[int]] | None = None) -> None:
         self.sizes = sizes
         self.reuse = 0.0
         self._workspace = _Workspace()
@@ -307,9 +350,10 @@ class GaussianSampler:
         """The layer's N(0, 1) noise ``Z``, regenerated from ``key``."""
         return torch.randn(shape, generator=self._generator(key, device), device=device, dtype=dtype)
 
-    def noise_stack(self, keys: list[int], shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The noise of several layers of one shape, (G, m, n), each regenerated from its key."""
-        return torch.stack([self.noise(key, shape, device, dtype) for key in keys])
+    def noise_pieces(self, keys: list[int], shape: torch.Size, device: torch.device,
+                     dtype: torch.dtype) -> list[tuple[slice, torch.Tensor]]:
+        """The noise of several layers of one shape, (G, m, n), each regenerated from its key: one piece."""
+        return [(slice(0, len(keys)), torch.stack([self.noise(key, shape, device, dtype) for key in keys]))]
 
     def perturbed_weight(self, weight: torch.Tensor, noise: _LayerNoise, dtype: torch.dtype,
                          keep: bool = False) -> torch.Tensor:
@@ -342,23 +386,62 @@ def resolve_sampler(name: str, devices: set[torch.device]) -> str:
 class _LayerNoise:
     """The current draw of one layer: the sampler's key, the per-row scale, and σ once resolved.
 
-    ``sigma`` (signs folded in) and ``merged_row_sq`` are filled on the layer's first forward of the
-    draw, when W is being read anyway, and then reused by backward and later micro-batches.
+    σ (signs folded in) and the merged row norms are made on the layer's first forward of the draw,
+    when W is being read anyway, and then reused by backward and later micro-batches: by the layer
+    itself (``sigma``, ``merged_row_sq``), or for all layers of its group at once (``batch``, where
+    this layer is ``slot``).
     """
 
     key: int
-    row_scale: torch.Tensor  # (m, 1) ±f(t)·ρ/√n, fp32: a random sign per row times the draw's factor
+    scales: torch.Tensor  # (Σm, 1) fp32 ±f(t)·ρ/√n of every row of every layer: random signs times the factor
+    rows: slice  # this layer's rows of `scales`
     sigma: torch.Tensor | None = None  # (m, 1) fp32, the signed σ_i (DoRA: times `dora_scale`)
     merged_row_sq: torch.Tensor | None = None  # (m, 1) fp32, ‖W'_i‖²
     dora_scale: torch.Tensor | None = None  # (m, 1) fp32, see `_dora_noise_scale`
-    cache: dict = field(default_factory=dict)  # per compute dtype: σ cast, the sampler's noise view
+    batch: _GroupDraw | None = None
+    slot: int = 0
+    cache: dict = field(default_factory=dict)  # per compute dtype: σ cast, the sampler's noise view, W + ε
+
+    @property
+    def row_scale(self) -> torch.Tensor:
+        """(m, 1) ±f(t)·ρ/√n of this layer's rows."""
+        return self.scales[self.rows]
+
+    @property
+    def resolved(self) -> bool:
+        """Whether σ of this draw is made."""
+        return self.sigma is not None or self.batch is not None
+
+    def row_sq(self) -> torch.Tensor:
+        """(m, 1) ‖W'_i‖² of the draw (once resolved)."""
+        return self.merged_row_sq if self.batch is None else self.batch.row_sq[self.slot]
 
     def sigma_as(self, dtype: torch.dtype) -> torch.Tensor:
         """σ as an (m, 1) column in ``dtype`` (cast once per draw)."""
         col = self.cache.get(dtype)
         if col is None:
-            col = self.cache[dtype] = self.sigma if self.sigma.dtype == dtype else self.sigma.to(dtype)
+            sigma = self.sigma if self.batch is None else self.batch.sigma[self.slot]
+            col = self.cache[dtype] = sigma if sigma.dtype == dtype else sigma.to(dtype)
         return col
+
+    def kept_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The kept ``W + ε`` in ``dtype``, if made."""
+        if self.batch is not None and self.batch.kept.dtype == dtype:
+            return self.batch.layers[self.slot]
+        return self.cache.get(("w", dtype))
+
+
+@dataclass
+class _GroupDraw:
+    """σ and ``W + ε`` of every layer of a group for one draw, made by batched ops (layer k is slot k)."""
+
+    row_sq: torch.Tensor  # (G, m, 1) fp32, ‖W'_i‖²
+    sigma: torch.Tensor  # (G, m, 1) fp32, signed σ_i
+    kept: torch.Tensor  # (G, m, n), W + ε in the compute dtype
+    layers: tuple[torch.Tensor, ...] = ()  # the (m, n) W + ε of each member, views of `kept`
+
+    def __post_init__(self) -> None:
+        self.layers = self.kept.unbind()
 
 
 @dataclass
@@ -366,8 +449,30 @@ class _LayerGroup:
     """Perturbed layers of one weight shape, dtype and device, and their frozen weights stacked (G, m, n)."""
 
     members: list[int]
+    loras: list[LoraLayer]
+    rows: slice  # the members' rows in the draw's concatenated row scales
     weights: torch.Tensor
     weight_sq: torch.Tensor  # (G, m, 1) fp32, ‖W_i‖² of each member
+    _adapters: list | None = None  # the members' active adapters when `_factors` was made
+    _factors: tuple | None = None
+
+    def lora_factors(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]] | None:
+        """The members' LoRA ``A`` and ``B`` parameters and adapter names, where each member has one
+        active adapter, none DoRA, all of one rank; else None (the layers then take the per-layer path).
+        Looked up again only when the active adapters change: an adapter deleted and added again under
+        the same name while training needs a new perturber."""
+        adapters = [lora.active_adapter for lora in self.loras]  # a name, or a list of names
+        if adapters != self._adapters:
+            self._adapters = [names if isinstance(names, str) else list(names) for names in adapters]
+            actives = [[a for a in lora.active_adapters if a in lora.lora_A] for lora in self.loras]
+            if any(len(a) != 1 or lora.use_dora.get(a[0], False) for a, lora in zip(actives, self.loras, strict=True)) \
+                    or len({lora.r[a[0]] for a, lora in zip(actives, self.loras, strict=True)}) != 1:
+                self._factors = None
+            else:
+                names = [a[0] for a in actives]
+                self._factors = ([lora.lora_A[n].weight for lora, n in zip(self.loras, names, strict=True)],
+                                 [lora.lora_B[n].weight for lora, n in zip(self.loras, names, strict=True)], names)
+        return self._factors
 
 
 def _noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sampler,
@@ -379,7 +484,7 @@ def _noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
     if keep:
-        perturbed = noise.cache.get(("w", dtype))
+        perturbed = noise.kept_weight(dtype)
         if perturbed is None:
             perturbed = noise.cache[("w", dtype)] = sampler.perturbed_weight(weight, noise, dtype, keep=True)
     else:
@@ -488,35 +593,57 @@ class FlatLoraPerturber:
         bases = [base for _, _, base in self.layers]
         self._devices = {base.weight.device for base in bases}
         self.sampler_name = resolve_sampler(config.sampler, self._devices)
-        self.sampler = SAMPLERS[self.sampler_name]([base.weight.numel() for base in bases], config.pool_size)
-        self._rows = [base.out_features for base in bases]
-        # 1/√n for every row of every layer, concatenated: the draw's row scales are one vector op.
-        self._inv_sqrt_n = torch.cat([torch.full((base.out_features, 1), 1 / math.sqrt(base.in_features))
-                                      for base in bases])
+        # Layers of one weight shape, dtype and device: laid next to each other in the noise pool, and
+        # (kept W + ε) handled together, σ and W + ε as batched ops per draw.
+        runs = runs_of_equal([(base.weight.shape, base.weight.dtype, base.weight.device) for base in bases])
+        self.sampler = SAMPLERS[self.sampler_name]([base.weight.numel() for base in bases], config.pool_size, runs)
+        # 1/√n for every row of every layer, concatenated (a group's rows next to each other): the draw's
+        # row scales are one vector op, and a group's are one view of them.
+        order = [index for members in runs for index in members]
+        self._row_slices: list[slice] = [slice(0)] * len(bases)
+        start = 0
+        for index in order:
+            self._row_slices[index] = slice(start, start + bases[index].out_features)
+            start += bases[index].out_features
+        self._inv_sqrt_n = torch.cat([torch.full((bases[i].out_features, 1), 1 / math.sqrt(bases[i].in_features))
+                                      for i in order])
+        self._layer_devices = [base.weight.device for base in bases]
         with torch.no_grad():  # ‖W_i‖² once, (m, 1): W is frozen.
             self._weight_sq = [base.weight.float().square().sum(1, keepdim=True) for base in bases]
         self.keep_perturbed = sum(base.weight.numel() for base in bases) * 4 <= KEEP_PERTURBED_BYTES
-        # Kept W + ε: layers of one shape are handled together (σ and W + ε as batched ops per draw).
         self._group_of: dict[int, _LayerGroup] = {}
         if self.keep_perturbed:
-            shapes: dict[tuple, list[int]] = {}
-            for index, base in enumerate(bases):
-                shapes.setdefault((tuple(base.weight.shape), base.weight.dtype, base.weight.device), []).append(index)
-            for members in shapes.values():
+            for members in runs:
                 if len(members) > 1:
-                    group = _LayerGroup(members, torch.stack([bases[i].weight for i in members]),
+                    group = _LayerGroup(members, [self.layers[i][1] for i in members],
+                                        slice(self._row_slices[members[0]].start, self._row_slices[members[-1]].stop),
+                                        torch.stack([bases[i].weight for i in members]),
                                         torch.stack([self._weight_sq[i] for i in members]))
                     self._group_of |= dict.fromkeys(members, group)
         self._noise = [None] * len(self.layers)
-        for index, base in enumerate(bases):
+        self.attach()
+
+    def attach(self) -> None:
+        """Install the noisy forward on every layer (the constructor does; again after :meth:`detach`)."""
+        taken = [name for name, _, base in self.layers if "forward" in base.__dict__]
+        if taken:
+            raise ValueError(f"`{taken[0]}` already has a Flat-LoRA perturber (or another forward override); "
+                             "detach or remove the other perturber first.")
+        for index, (_, _, base) in enumerate(self.layers):
             base.forward = self._make_forward(base, index)
+
+    def detach(self) -> None:
+        """Give the layers their plain forward back, keeping the noise state (pool, σ, step), so that
+        :meth:`attach` continues where it stopped."""
+        for _, _, base in self.layers:
+            base.__dict__.pop("forward", None)
 
     def _make_forward(self, base: nn.Linear, index: int):
         def forward(x: torch.Tensor) -> torch.Tensor:
             noise = self._noise[index]
             if noise is None or not base.training:
                 return F.linear(x, base.weight, base.bias)
-            if noise.sigma is None:
+            if not noise.resolved:
                 group = self._group_of.get(index)
                 if group is None or not self._resolve_group(group, x):
                     self._resolve_sigma(index)
@@ -549,11 +676,12 @@ class FlatLoraPerturber:
         signs = torch.randint(0, 2, self._inv_sqrt_n.shape, generator=gen).float().mul_(2).sub_(1)
         row_scale = signs.mul_(self._inv_sqrt_n).mul_(self.factor)  # (Σm, 1) ±f(t)·ρ/√n
         if len(self._devices) == 1:
-            scales = row_scale.to(next(iter(self._devices))).split(self._rows)
+            scales = row_scale.to(next(iter(self._devices)))
+            self._noise = [_LayerNoise(key, scales, rows) for key, rows in zip(keys, self._row_slices, strict=True)]
         else:
-            scales = [s.to(base.weight.device) for s, (_, _, base) in zip(row_scale.split(self._rows), self.layers,
-                                                                           strict=True)]
-        self._noise = [_LayerNoise(key, scale) for key, scale in zip(keys, scales, strict=True)]
+            on_device = {device: row_scale.to(device) for device in self._devices}
+            self._noise = [_LayerNoise(key, on_device[device], rows) for key, rows, device in
+                           zip(keys, self._row_slices, self._layer_devices, strict=True)]
 
     def _resolve_sigma(self, index: int) -> None:
         """σ_i of layer ``index`` from the current LoRA weights (those of the draw's first forward)."""
@@ -566,37 +694,41 @@ class FlatLoraPerturber:
         """σ and the kept ``W + ε`` of every layer of ``group`` in batched ops (same results as one
         layer at a time, up to the rounding of batched matmuls); False where a layer needs the
         per-layer path (several active adapters, DoRA, a σ already restored from a checkpoint)."""
-        loras = [self.layers[i][1] for i in group.members]
         noises = [self._noise[i] for i in group.members]
-        actives = [[a for a in lora.active_adapters if a in lora.lora_A] for lora in loras]
-        if any(len(a) != 1 or lora.use_dora.get(a[0], False) for a, lora in zip(actives, loras, strict=True)) or \
-                any(n.sigma is not None for n in noises) or len({lora.r[a[0]] for a, lora in zip(actives, loras,
-                                                                                              strict=True)}) != 1:
+        factors = group.lora_factors()
+        if factors is None or any(n.resolved for n in noises):
             return False
+        a_params, b_params, adapters = factors
         weights = group.weights
         with torch.no_grad(), torch.autocast(weights.device.type, enabled=False):
-            a = torch.stack([lora.lora_A[ad[0]].weight for lora, ad in zip(loras, actives, strict=True)]).float()
-            b = torch.stack([lora.lora_B[ad[0]].weight for lora, ad in zip(loras, actives, strict=True)]).float()
-            scale = torch.tensor([lora.scaling[ad[0]] for lora, ad in zip(loras, actives, strict=True)],
-                                 device=weights.device).view(-1, 1, 1)
+            a, b = torch.stack(a_params).float(), torch.stack(b_params).float()
+            scales = [lora.scaling[name] for lora, name in zip(group.loras, adapters, strict=True)]
             wa = torch.bmm(weights, a.to(weights.dtype).transpose(1, 2)).float()  # (G, m, R)
-            both = torch.baddbmm(wa, b, torch.bmm(a, a.transpose(1, 2)) * scale, beta=2)  # 2·WAᵀ + s·B·AAᵀ
-            row_sq = group.weight_sq.add((both * b).sum(2, keepdim=True) * scale).clamp_min_(0)  # (G, m, 1)
-            row_scale = torch.stack([n.row_scale for n in noises])
-            sigma = row_sq.sqrt().mul_(row_scale)
+            aat = torch.bmm(a, a.transpose(1, 2))
+            if len(set(scales)) == 1:  # the common case: one scaling, as a number
+                both = torch.baddbmm(wa, b, aat, beta=2, alpha=scales[0])  # 2·WAᵀ + s·B·AAᵀ
+                row_sq = torch.add(group.weight_sq, (both * b).sum(2, keepdim=True), alpha=scales[0])
+            else:
+                scale = torch.tensor(scales, device=weights.device).view(-1, 1, 1)
+                both = torch.baddbmm(wa, b, aat * scale, beta=2)
+                row_sq = group.weight_sq.add((both * b).sum(2, keepdim=True) * scale)
+            row_sq = row_sq.clamp_min_(0)  # (G, m, 1) ‖W'_i‖²
+            sigma = row_sq.sqrt().mul_(noises[0].scales[group.rows].view(row_sq.shape))
             device_type = x.device.type
             dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-            z = self.sampler.noise_stack([n.key for n in noises], weights.shape[1:], weights.device, dtype)
-            kept = torch.addcmul(weights.to(dtype), sigma.to(dtype), z)  # (G, m, n): W + σ ⊙ Z
-            for noise, sq, sg, w in zip(noises, row_sq.unbind(), sigma.unbind(), kept.unbind(), strict=True):
-                noise.merged_row_sq, noise.dora_scale, noise.sigma = sq, None, sg
-                noise.cache.clear()
-                noise.cache[("w", dtype)] = w
+            weights_c, sigma_c = weights.to(dtype), sigma.to(dtype)
+            kept = torch.empty(weights.shape, dtype=dtype, device=weights.device)  # (G, m, n): W + σ ⊙ Z
+            for part, z in self.sampler.noise_pieces([n.key for n in noises], weights.shape[1:], weights.device,
+                                                     dtype):
+                torch.addcmul(weights_c[part], sigma_c[part], z, out=kept[part])
+            batch = _GroupDraw(row_sq, sigma, kept)
+            for slot, noise in enumerate(noises):
+                noise.batch, noise.slot = batch, slot
         return True
 
     @staticmethod
     def _set_sigma(noise: _LayerNoise, row_sq: torch.Tensor, dora_scale: torch.Tensor | None) -> None:
-        noise.merged_row_sq, noise.dora_scale = row_sq, dora_scale
+        noise.merged_row_sq, noise.dora_scale, noise.batch = row_sq, dora_scale, None
         sigma = row_sq.sqrt().mul_(noise.row_scale)
         noise.sigma = sigma if dora_scale is None else sigma.mul_(dora_scale)
         noise.cache.clear()
@@ -632,9 +764,9 @@ class FlatLoraPerturber:
 
         Rank-independent: every rank can load the state saved by one.
         """
-        resolved = [noise is not None and noise.sigma is not None for noise in self._noise]
+        resolved = [noise is not None and noise.resolved for noise in self._noise]
         return {"draw": self._draw,
-                "merged_row_sq": [n.merged_row_sq.cpu() if r else None for n, r in zip(self._noise, resolved, strict=True)],
+                "merged_row_sq": [n.row_sq().cpu() if r else None for n, r in zip(self._noise, resolved, strict=True)],
                 "dora_scale": [n.dora_scale.cpu() if r and n.dora_scale is not None else None
                                for n, r in zip(self._noise, resolved, strict=True)]}
 
@@ -653,9 +785,8 @@ class FlatLoraPerturber:
                 self._set_sigma(noise, row_sq.to(device), None if dora is None else dora.to(device))
 
     def remove(self) -> None:
-        """Uninstall: the base layers get their plain forward back."""
-        for _, _, base in self.layers:
-            base.__dict__.pop("forward", None)
+        """Uninstall for good: the base layers get their plain forward back and the state is dropped."""
+        self.detach()
         self.layers, self._noise = [], []
 
     def __enter__(self) -> FlatLoraPerturber:

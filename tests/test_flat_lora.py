@@ -417,13 +417,32 @@ def test_removal_restores_plain_forward():
     assert probe_noise(lora_layers(model)["first"]).abs().max() < 1e-6
 
 
+def test_detach_and_attach_keep_the_draw():
+    """`detach` gives the plain forward back without losing the draw; `attach` restores the same noise,
+    and refuses while another perturber is attached."""
+    model = lora_model()
+    perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.5, schedule="constant"))
+    perturber.set_step(2)
+    layer = lora_layers(model)["first"]
+    noise = probe_noise(layer)
+    perturber.detach()
+    assert probe_noise(layer).abs().max() < 1e-6
+    other = FlatLoraPerturber(model, FlatLoraConfig(rho=0.5, schedule="constant", seed=9))
+    with pytest.raises(ValueError, match="already has a Flat-LoRA perturber"):
+        perturber.attach()
+    other.remove()
+    perturber.attach()
+    assert torch.equal(probe_noise(layer), noise)
+
+
 def test_state_is_o_of_rows():
     model = lora_model(n=512, m=64)
     perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, schedule="constant"))
     perturber.set_step(1)
     model(torch.randn(2, 512))  # σ is computed on each layer's first forward of the draw
     for noise, cached in zip(perturber._noise, perturber._weight_sq, strict=True):
-        assert noise.sigma.shape == noise.row_scale.shape == noise.merged_row_sq.shape == cached.shape == (64, 1)
+        assert noise.sigma_as(torch.float32).shape == noise.row_scale.shape == noise.row_sq().shape == cached.shape \
+            == (64, 1)
     assert perturber.sampler.fresh == 2 * 64 * 512  # fresh N(0, 1) samples per draw
     assert perturber.sampler.pool_size == perturber.sampler.blocks * perturber.sampler.fresh
 
@@ -489,14 +508,15 @@ def test_several_active_adapters_with_dora_are_rejected():
 
 @pytest.mark.parametrize("weight_mode", ["kept"], indirect=True)  # it compares both modes itself
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_kept_and_rebuilt_perturbed_weights_give_the_same_step(sampler, weight_mode, monkeypatch):
+@pytest.mark.parametrize("lora_kwargs", [{}, {"alpha_pattern": {"second": 2}}], ids=["one_scaling", "two_scalings"])
+def test_kept_and_rebuilt_perturbed_weights_give_the_same_step(sampler, lora_kwargs, weight_mode, monkeypatch):
     """Small models keep W + ε per draw (same-shaped layers batched); large ones rebuild it in backward.
     Both must give the same outputs and gradients; the kept path builds no custom autograd node."""
     x = torch.randn(8, 256, generator=torch.Generator().manual_seed(1)).requires_grad_()  # a gradient into x too
     results = {}
     for mode, budget in (("kept", flat_lora.KEEP_PERTURBED_BYTES), ("rebuilt", 0)):
         monkeypatch.setattr(flat_lora, "KEEP_PERTURBED_BYTES", budget)
-        model = lora_model()
+        model = lora_model(**lora_kwargs)
         perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.3, schedule="constant", sampler=sampler))
         assert perturber.keep_perturbed == (mode == "kept")
         assert len({id(g) for g in perturber._group_of.values()}) == (1 if mode == "kept" else 0)
@@ -527,12 +547,46 @@ def _graph_nodes(node, seen=None):
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_batched_noise_equals_each_layers_noise(sampler):
-    """`noise_stack` (the kept path's one gather) gives exactly the layers' own noise."""
+    """`noise_pieces` (the kept path's batched noise) gives exactly the layers' own noise, each layer once."""
     model = lora_model()
     perturber = FlatLoraPerturber(model, FlatLoraConfig(rho=0.1, schedule="constant", sampler=sampler))
     perturber.set_step(3)
     keys = [noise.key for noise in perturber._noise]
-    shape = torch.Size((64, 256))
-    stacked = perturber.sampler.noise_stack(keys, shape, torch.device("cpu"), torch.float32)
+    shape, cpu = torch.Size((64, 256)), torch.device("cpu")
+    pieces = perturber.sampler.noise_pieces(keys, shape, cpu, torch.float32)
+    layers = [g for part, _ in pieces for g in range(len(keys))[part]]
+    assert layers == list(range(len(keys)))
+    stacked = torch.cat([noise for _, noise in pieces])
     for g, key in enumerate(keys):
-        assert torch.equal(stacked[g], perturber.sampler.noise(key, shape, torch.device("cpu"), torch.float32))
+        assert torch.equal(stacked[g], perturber.sampler.noise(key, shape, cpu, torch.float32))
+
+
+def test_pooled_small_models_hold_every_layer_once_with_runs_side_by_side(monkeypatch):
+    """A small model's pool holds every layer once (no value shared between layers), and the layers of
+    a run (same-shaped layers, in the perturber) lie next to each other, so their batched noise needs
+    no copy. Where the pool is reused (large models), layers are shuffled one by one: equal-sized runs
+    would repeat their offsets lap after lap."""
+    from flatlora_diffusion.flat_lora import PooledSampler
+
+    cpu = torch.device("cpu")
+    sizes, runs = [100] * 80 + [300, 50], [list(range(0, 80, 2)), list(range(1, 80, 2)), [80], [81]]
+    sampler = PooledSampler(sizes, runs=runs)  # 2 x 300 fresh values would make 9 x 608 = 5,472 < 8,350
+    assert sampler.reuse <= 1 and sampler.fresh == 16 * math.ceil(sum(sizes) / 9 / 16)
+    for draw in range(5):
+        keys = sampler.begin_draw(torch.Generator().manual_seed(draw), draw, {cpu})
+        windows = sorted((keys[i], keys[i] + sizes[i]) for i in range(len(sizes)))
+        assert all(a[1] <= b[0] for a, b in zip(windows, windows[1:], strict=False))  # no shared value
+        for run in runs:
+            shape = torch.Size((1, sizes[run[0]]))
+            pieces = sampler.noise_pieces([keys[i] for i in run], shape, cpu, torch.float32)
+            assert len(pieces) == 1  # one view of the pool
+            assert pieces[0][1].data_ptr() == sampler.noise(keys[run[0]], shape, cpu, torch.float32).data_ptr()
+    monkeypatch.setattr(flat_lora, "ONE_LAP_POOL_BYTES", 1000)  # now a "large" model: the pool is reused
+    reused = PooledSampler(sizes, runs=runs)
+    assert reused.fresh == 608 and reused.reuse > 1  # 2 x the largest layer, in whole groups of 16
+    assert reused.runs == [[i] for i in range(len(sizes))]
+    keys = reused.begin_draw(torch.Generator().manual_seed(0), 0, {cpu})
+    run = [keys[i] for i in runs[0]]
+    assert any(b != a + 100 for a, b in zip(run, run[1:], strict=False))  # shuffled one by one
+    with pytest.raises(ValueError, match="every layer index exactly once"):
+        PooledSampler([100] * 3, runs=[[0, 1]])
