@@ -438,7 +438,7 @@ class _GroupDraw:
     row_sq: torch.Tensor  # (G, m, 1) fp32, ‖W'_i‖²
     sigma: torch.Tensor  # (G, m, 1) fp32, signed σ_i
     kept: torch.Tensor  # (G, m, n), W + ε in the compute dtype
-    layers: tuple[torch.Tensor, ...] = ()  # the (m, n) W + ε of each member, views of `kept`
+    layers: tuple[torch.Tensor, ...] = field(init=False)  # the (m, n) W + ε of each member, views of `kept`
 
     def __post_init__(self) -> None:
         self.layers = self.kept.unbind()
@@ -475,14 +475,19 @@ class _LayerGroup:
         return self._factors
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear on ``x`` computes in: autocast's where it is on, else ``x``'s."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
 def _noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sampler,
                   noise: _LayerNoise, keep: bool = False) -> tuple[torch.Tensor, torch.dtype]:
     """``x (W + ε)ᵀ + b`` in the compute dtype (autocast's, else x's), and that dtype.
 
     ``keep``: ``W + ε`` is made once per draw and kept in the layer's noise cache (then autograd's own
     linear backward uses it); otherwise it is built in the sampler's shared workspace."""
-    device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    dtype = _compute_dtype(x)
     if keep:
         perturbed = noise.kept_weight(dtype)
         if perturbed is None:
@@ -702,20 +707,13 @@ class FlatLoraPerturber:
         weights = group.weights
         with torch.no_grad(), torch.autocast(weights.device.type, enabled=False):
             a, b = torch.stack(a_params).float(), torch.stack(b_params).float()
-            scales = [lora.scaling[name] for lora, name in zip(group.loras, adapters, strict=True)]
+            scale = torch.tensor([lora.scaling[name] for lora, name in zip(group.loras, adapters, strict=True)],
+                                 device=weights.device).view(-1, 1, 1)
             wa = torch.bmm(weights, a.to(weights.dtype).transpose(1, 2)).float()  # (G, m, R)
-            aat = torch.bmm(a, a.transpose(1, 2))
-            if len(set(scales)) == 1:  # the common case: one scaling, as a number
-                both = torch.baddbmm(wa, b, aat, beta=2, alpha=scales[0])  # 2·WAᵀ + s·B·AAᵀ
-                row_sq = torch.add(group.weight_sq, (both * b).sum(2, keepdim=True), alpha=scales[0])
-            else:
-                scale = torch.tensor(scales, device=weights.device).view(-1, 1, 1)
-                both = torch.baddbmm(wa, b, aat * scale, beta=2)
-                row_sq = group.weight_sq.add((both * b).sum(2, keepdim=True) * scale)
-            row_sq = row_sq.clamp_min_(0)  # (G, m, 1) ‖W'_i‖²
+            both = torch.baddbmm(wa, b, torch.bmm(a, a.transpose(1, 2)) * scale, beta=2)  # 2·WAᵀ + s·B·AAᵀ
+            row_sq = group.weight_sq.add((both * b).sum(2, keepdim=True) * scale).clamp_min_(0)  # (G, m, 1)
             sigma = row_sq.sqrt().mul_(noises[0].scales[group.rows].view(row_sq.shape))
-            device_type = x.device.type
-            dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+            dtype = _compute_dtype(x)
             weights_c, sigma_c = weights.to(dtype), sigma.to(dtype)
             kept = torch.empty(weights.shape, dtype=dtype, device=weights.device)  # (G, m, n): W + σ ⊙ Z
             for part, z in self.sampler.noise_pieces([n.key for n in noises], weights.shape[1:], weights.device,
